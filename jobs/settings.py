@@ -1,0 +1,81 @@
+"""tuneloop's configuration: environment variables with the TUNELOOP_ prefix, read here only.
+
+Paths are derived by methods rather than stored, so a test can move the whole home folder by
+setting one variable.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TUNELOOP_", extra="ignore")
+
+    home: Path = Field(
+        default=Path.home() / ".tuneloop",
+        description="Folder holding the SQLite database, artifacts and uploads by default.",
+    )
+    database_url: str | None = Field(
+        default=None, description="Any SQLAlchemy URL; SQLite under home when unset."
+    )
+    artifact_root: Path | None = Field(
+        default=None, description="Checkpoints and model versions; home/artifacts when unset."
+    )
+    data_root: Path | None = Field(
+        default=None,
+        description="The only folder job specs may read datasets from; home/data when unset.",
+    )
+    ray_address: str | None = Field(default=None, description="Ray cluster to join.")
+    ray_port: int = Field(default=6390, description="GCS port of the local Ray head.")
+    ray_metrics_port: int = Field(default=8080, description="Where Ray exports its metrics.")
+    api_host: str = "127.0.0.1"
+    api_port: int = 8000
+    max_running_jobs: int = Field(default=2, ge=1, description="Jobs the runner runs at once.")
+    max_worker_failures: int = Field(
+        default=2, ge=0, description="Worker-group restarts from a checkpoint before a job fails."
+    )
+    runner_poll_seconds: float = Field(default=1.0, gt=0)
+    max_upload_bytes: int = Field(default=100 * 1024 * 1024, ge=1)
+    predictor_cpus: float = Field(
+        default=0.5, ge=0, description="CPUs reserved for each predictor replica."
+    )
+    predict_max_batch_size: int = Field(default=32, ge=1)
+    predict_batch_wait_seconds: float = Field(default=0.005, ge=0)
+    log_format: str = Field(default="text", pattern="^(text|json)$")
+    log_level: str = "INFO"
+
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.home / 'tuneloop.db'}"
+
+    def resolved_artifact_root(self) -> Path:
+        return self.artifact_root or self.home / "artifacts"
+
+    def resolved_data_root(self) -> Path:
+        return self.data_root or self.home / "data"
+
+    def uploads_dir(self) -> Path:
+        return self.resolved_data_root() / "uploads"
+
+    def checkpoints_dir(self) -> Path:
+        return self.resolved_artifact_root() / "checkpoints"
+
+    def models_dir(self) -> Path:
+        return self.resolved_artifact_root() / "models"
+
+    def cache_dir(self) -> Path:
+        return self.resolved_artifact_root() / "cache"
+
+    def ensure_dirs(self) -> None:
+        for path in (self.home, self.uploads_dir(), self.checkpoints_dir(), self.models_dir()):
+            path.mkdir(parents=True, exist_ok=True)
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read from the environment once."""
+    return Settings()

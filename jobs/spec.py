@@ -1,0 +1,193 @@
+"""The job spec: one validated document, the same through the API, the CLI and the client.
+
+A spec says what to fine-tune (``base_model``), on what (``data``), how much of the pretrained
+network may move (``strategy``), and how fast each part learns (``hyperparameters``). It holds
+data only: nothing in it names code to run.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from jobs.errors import SpecInvalid
+
+MODEL_NAME_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"
+HUB_REFERENCE = re.compile(r"^hub:(?P<repo>[\w.-]+/[\w.-]+)@(?P<revision>[0-9a-f]{40}|[\w.-]+)$")
+MAX_SPEC_BYTES = 64 * 1024
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Task(StrEnum):
+    TEXT_CLASSIFICATION = "text_classification"
+
+
+class StrategyKind(StrEnum):
+    FEATURE_EXTRACTION = "feature_extraction"
+    PARTIAL = "partial"
+    FULL = "full"
+
+
+class DataSpec(Strict):
+    """Where the rows come from. Exactly one of ``dataset`` and ``path`` names the training set."""
+
+    dataset: str | None = Field(default=None, description="An uploaded dataset id.")
+    path: str | None = Field(default=None, description="A file under the data root.")
+    format: Literal["auto", "csv", "jsonl", "parquet"] = "auto"
+    text_column: str = "text"
+    label_column: str = "label"
+    validation_dataset: str | None = None
+    validation_path: str | None = None
+    validation_split: float = Field(default=0.2, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _one_source_each(self) -> DataSpec:
+        if (self.dataset is None) == (self.path is None):
+            raise ValueError("give exactly one of 'dataset' and 'path'")
+        if self.validation_dataset is not None and self.validation_path is not None:
+            raise ValueError("give at most one of 'validation_dataset' and 'validation_path'")
+        return self
+
+    @property
+    def has_validation_file(self) -> bool:
+        return self.validation_dataset is not None or self.validation_path is not None
+
+
+class Strategy(Strict):
+    """How much of the pretrained encoder trains.
+
+    ``feature_extraction`` freezes the encoder and trains the head on cached encoder outputs;
+    ``partial`` freezes the embeddings and the lowest ``frozen_layers`` encoder layers;
+    ``full`` trains everything.
+    """
+
+    kind: StrategyKind = StrategyKind.PARTIAL
+    frozen_layers: int = Field(default=4, ge=0)
+
+
+class EarlyStopping(Strict):
+    metric: Literal["val_accuracy", "val_f1", "val_loss"] = "val_f1"
+    patience: int = Field(default=2, ge=1)
+    min_delta: float = Field(default=0.0, ge=0)
+
+    @property
+    def mode(self) -> Literal["min", "max"]:
+        return "min" if self.metric == "val_loss" else "max"
+
+
+class Augmentation(Strict):
+    """Word dropout: each word of a training sentence is removed with ``probability``."""
+
+    kind: Literal["word_dropout"] = "word_dropout"
+    probability: float = Field(default=0.1, gt=0, lt=0.5)
+
+
+class Hyperparameters(Strict):
+    epochs: int = Field(default=3, ge=1, le=100)
+    batch_size: int = Field(default=16, ge=1, le=1024)
+    max_length: int = Field(default=64, ge=8, le=512)
+    encoder_lr: float = Field(default=2e-5, gt=0, le=1, description="Pretrained layers.")
+    head_lr: float = Field(default=1e-3, gt=0, le=1, description="The new classification head.")
+    weight_decay: float = Field(default=0.01, ge=0, le=1)
+    warmup_ratio: float = Field(default=0.1, ge=0, lt=1)
+    dropout: float = Field(default=0.1, ge=0, lt=1)
+    seed: int = 0
+    early_stopping: EarlyStopping | None = None
+    augmentation: Augmentation | None = None
+
+    @model_validator(mode="after")
+    def _encoder_learns_slower(self) -> Hyperparameters:
+        if self.encoder_lr > self.head_lr:
+            raise ValueError(
+                f"encoder_lr {self.encoder_lr} is above head_lr {self.head_lr}; pretrained "
+                "layers must learn no faster than the new head"
+            )
+        return self
+
+
+class Resources(Strict):
+    workers: int = Field(default=1, ge=1, le=64)
+    cpus_per_worker: float = Field(default=1.0, gt=0, le=64)
+    gpus_per_worker: float = Field(default=0.0, ge=0, le=8)
+
+
+class Serving(Strict):
+    """When a trained version becomes the one that answers predictions."""
+
+    promote: Literal["if_better", "always", "never"] = "if_better"
+
+
+class JobSpec(Strict):
+    model_name: Annotated[str, Field(pattern=MODEL_NAME_PATTERN)] = Field(
+        description="The registry name the trained model is versioned under."
+    )
+    task: Task = Task.TEXT_CLASSIFICATION
+    base_model: str = Field(
+        default="builtin:minilm",
+        description="builtin:NAME, an absolute local folder in Hugging Face format, "
+        "or hub:ORG/NAME@REVISION.",
+    )
+    data: DataSpec
+    strategy: Strategy = Strategy()
+    hyperparameters: Hyperparameters = Hyperparameters()
+    resources: Resources = Resources()
+    serving: Serving = Serving()
+
+    @field_validator("base_model")
+    @classmethod
+    def _known_reference_form(cls, value: str) -> str:
+        if value.startswith("builtin:"):
+            return value
+        if value.startswith("hub:"):
+            if not HUB_REFERENCE.match(value):
+                raise ValueError(
+                    f"{value!r} is not hub:ORG/NAME@REVISION; a Hub model needs a pinned revision"
+                )
+            return value
+        if value.startswith("/"):
+            return value
+        raise ValueError(
+            f"{value!r} is not builtin:NAME, an absolute folder, or hub:ORG/NAME@REVISION"
+        )
+
+    def to_document(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def parse_spec(document: dict[str, Any]) -> JobSpec:
+    """Validate a spec already decoded from JSON or YAML, naming the first field at fault."""
+    try:
+        return JobSpec.model_validate(document)
+    except ValidationError as exc:
+        raise spec_error(exc) from None
+
+
+def load_spec_text(text: str) -> JobSpec:
+    """Parse a spec written as YAML or JSON (JSON is YAML); YAML is read with the safe loader."""
+    if len(text.encode()) > MAX_SPEC_BYTES:
+        raise SpecInvalid(f"spec is {len(text.encode())} bytes; the limit is {MAX_SPEC_BYTES}")
+    try:
+        document = json.loads(text) if text.lstrip().startswith("{") else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise SpecInvalid(f"spec is not valid JSON or YAML: {exc}") from None
+    if not isinstance(document, dict):
+        raise SpecInvalid(f"spec must be a mapping, got {type(document).__name__}")
+    return parse_spec(document)
+
+
+def spec_error(exc: ValidationError) -> SpecInvalid:
+    first = exc.errors()[0]
+    field = ".".join(str(part) for part in first["loc"]) or None
+    message = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        message = "unknown field; remove it or check its spelling"
+    detail = f"{field}: {message}" if field else message
+    return SpecInvalid(detail, field=field)
