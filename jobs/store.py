@@ -1,0 +1,456 @@
+"""The database: the source of truth for jobs, datasets, logs, metrics and model versions.
+
+SQLite in the home folder by default, any SQLAlchemy URL otherwise (PostgreSQL in production).
+The schema is owned by the Alembic migrations in jobs/migrations; ``Store.open`` brings a
+database up to date before use.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+    func,
+    select,
+    update,
+)
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+from jobs.errors import Conflict, NotFound
+
+log = logging.getLogger(__name__)
+
+
+class JobStatus(StrEnum):
+    PENDING = "PENDING"
+    RUNNING = "RUNNING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+
+    @property
+    def finished(self) -> bool:
+        return self in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
+
+
+# RUNNING -> PENDING is the runner handing back a job whose process vanished, so that it
+# resumes from its last checkpoint instead of being lost.
+ALLOWED_TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
+    JobStatus.PENDING: frozenset({JobStatus.RUNNING, JobStatus.CANCELLED, JobStatus.FAILED}),
+    JobStatus.RUNNING: frozenset(
+        {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.PENDING}
+    ),
+    JobStatus.SUCCEEDED: frozenset(),
+    JobStatus.FAILED: frozenset(),
+    JobStatus.CANCELLED: frozenset(),
+}
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:12]}"
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Dataset(Base):
+    __tablename__ = "datasets"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(255))
+    path: Mapped[str] = mapped_column(String(1024), doc="Relative to the data root.")
+    format: Mapped[str] = mapped_column(String(16))
+    sha256: Mapped[str] = mapped_column(String(64))
+    size_bytes: Mapped[int] = mapped_column(Integer)
+    rows: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    model_name: Mapped[str] = mapped_column(String(64), index=True)
+    spec: Mapped[dict[str, Any]] = mapped_column(JSON)
+    status: Mapped[str] = mapped_column(String(16), index=True, default=JobStatus.PENDING)
+    trigger: Mapped[str] = mapped_column(String(16), default="user")
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    dataset_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    parent_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    model_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    idempotency_key: Mapped[str | None] = mapped_column(String(128), unique=True, nullable=True)
+    request_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, index=True)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+
+    @property
+    def duration_seconds(self) -> float | None:
+        if self.started_at is None or self.finished_at is None:
+            return None
+        return (self.finished_at - self.started_at).total_seconds()
+
+
+class JobLog(Base):
+    __tablename__ = "job_logs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    level: Mapped[str] = mapped_column(String(8))
+    message: Mapped[str] = mapped_column(Text)
+
+
+class EpochMetric(Base):
+    __tablename__ = "epoch_metrics"
+    __table_args__ = (UniqueConstraint("job_id", "epoch"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    epoch: Mapped[int] = mapped_column(Integer)
+    metrics: Mapped[dict[str, float]] = mapped_column(JSON)
+    at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class Model(Base):
+    __tablename__ = "models"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    production_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class ModelVersion(Base):
+    __tablename__ = "model_versions"
+    __table_args__ = (UniqueConstraint("model_name", "version"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    model_name: Mapped[str] = mapped_column(ForeignKey("models.name"), index=True)
+    version: Mapped[int] = mapped_column(Integer)
+    job_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    path: Mapped[str] = mapped_column(String(1024))
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON)
+    spec: Mapped[dict[str, Any]] = mapped_column(JSON)
+    dataset_hash: Mapped[str] = mapped_column(String(64))
+    parent_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    score: Mapped[float | None] = mapped_column(Float, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    # WAL lets the API read while a training worker writes; the busy timeout makes a writer
+    # wait for the lock instead of failing at once.
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+def make_engine(url: str) -> Engine:
+    if url.startswith("sqlite"):
+        database = url.split("///", 1)[-1]
+        if database and database != ":memory:":
+            Path(database).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"timeout": 30})
+        event.listen(engine, "connect", _sqlite_pragmas)
+        return engine
+    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+
+
+def migrate(url: str) -> None:
+    """Bring the database at ``url`` to the newest schema."""
+    from alembic import command
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
+    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    command.upgrade(config, "head")
+
+
+class Store:
+    """All reads and writes of tuneloop's state. Safe to open in any process of the cluster."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._sessions = sessionmaker(engine, expire_on_commit=False)
+
+    @classmethod
+    def open(cls, url: str, *, upgrade: bool = True) -> Store:
+        if upgrade:
+            migrate(url)
+        return cls(make_engine(url))
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        with self._sessions.begin() as session:
+            yield session
+
+    # -- jobs ---------------------------------------------------------------------------------
+
+    def create_job(self, job: Job) -> Job:
+        with self.session() as session:
+            session.add(job)
+        self.append_log(job.id, "INFO", f"job {job.id} queued for model {job.model_name!r}")
+        return job
+
+    def get_job(self, job_id: str) -> Job:
+        with self.session() as session:
+            job = session.get(Job, job_id)
+            if job is None:
+                raise NotFound(f"no job {job_id!r}", field="job_id")
+            return job
+
+    def find_job_by_idempotency_key(self, key: str) -> Job | None:
+        with self.session() as session:
+            return session.scalars(select(Job).where(Job.idempotency_key == key)).first()
+
+    def list_jobs(
+        self, *, status: JobStatus | None = None, model_name: str | None = None, limit: int = 100
+    ) -> list[Job]:
+        query = select(Job).order_by(Job.created_at.desc()).limit(limit)
+        if status is not None:
+            query = query.where(Job.status == status)
+        if model_name is not None:
+            query = query.where(Job.model_name == model_name)
+        with self.session() as session:
+            return list(session.scalars(query))
+
+    def pending_jobs(self, limit: int) -> list[Job]:
+        query = (
+            select(Job)
+            .where(Job.status == JobStatus.PENDING)
+            .order_by(Job.created_at, Job.id)
+            .limit(limit)
+        )
+        with self.session() as session:
+            return list(session.scalars(query))
+
+    def transition(
+        self,
+        job_id: str,
+        to: JobStatus,
+        *,
+        error: str | None = None,
+        result: dict[str, Any] | None = None,
+        model_version: int | None = None,
+    ) -> bool:
+        """Move a job to ``to``: the only place a job's status changes.
+
+        The update is a compare-and-set on the statuses allowed to move to ``to``, so two
+        processes racing to claim or finish the same job cannot both win. Returns whether this
+        call made the change.
+        """
+        sources = [s for s, targets in ALLOWED_TRANSITIONS.items() if to in targets]
+        now = utcnow()
+        values: dict[str, Any] = {"status": to}
+        if to is JobStatus.RUNNING:
+            values |= {"started_at": now, "heartbeat_at": now, "attempts": Job.attempts + 1}
+        if to.finished:
+            values["finished_at"] = now
+        if to is JobStatus.PENDING:
+            values["started_at"] = None
+        if error is not None:
+            values["error"] = error
+        if result is not None:
+            values["result"] = result
+        if model_version is not None:
+            values["model_version"] = model_version
+
+        with self.session() as session:
+            current = session.scalar(select(Job.status).where(Job.id == job_id))
+            if current is None:
+                raise NotFound(f"no job {job_id!r}", field="job_id")
+            changed = session.execute(
+                update(Job).where(Job.id == job_id, Job.status.in_(sources)).values(**values)
+            ).rowcount
+        if not changed:
+            log.debug("job %s: %s -> %s refused, it is %s", job_id, current, to, current)
+            return False
+
+        line = f"status {current} -> {to}" + (f": {error}" if error else "")
+        log.info("job %s: %s", job_id, line)
+        self.append_log(job_id, "ERROR" if to is JobStatus.FAILED else "INFO", line)
+        return True
+
+    def request_cancel(self, job_id: str) -> Job:
+        """Cancel a queued job now, or flag a running one for the runner to stop."""
+        job = self.get_job(job_id)
+        if JobStatus(job.status).finished:
+            raise Conflict(
+                f"job {job_id!r} is already {job.status}; only queued or running "
+                "jobs can be cancelled",
+                field="job_id",
+            )
+        if job.status == JobStatus.PENDING and self.transition(job_id, JobStatus.CANCELLED):
+            return self.get_job(job_id)
+        with self.session() as session:
+            session.execute(update(Job).where(Job.id == job_id).values(cancel_requested=True))
+        self.append_log(job_id, "INFO", "cancel requested")
+        return self.get_job(job_id)
+
+    def heartbeat(self, job_id: str) -> None:
+        with self.session() as session:
+            session.execute(update(Job).where(Job.id == job_id).values(heartbeat_at=utcnow()))
+
+    def set_job_fields(self, job_id: str, **values: Any) -> None:
+        """Write a job's non-status fields (dataset hash, result); never its status."""
+        if "status" in values:
+            raise ValueError("status changes go through Store.transition")
+        with self.session() as session:
+            session.execute(update(Job).where(Job.id == job_id).values(**values))
+
+    def count_jobs_by_status(self) -> dict[str, int]:
+        with self.session() as session:
+            rows = session.execute(select(Job.status, func.count()).group_by(Job.status))
+            return {status: count for status, count in rows}
+
+    def finished_jobs_summary(self) -> list[tuple[str, str, float | None]]:
+        """(status, trigger, duration seconds) of every finished job, for the metrics."""
+        finished = [s.value for s in JobStatus if s.finished]
+        query = select(Job.status, Job.trigger, Job.started_at, Job.finished_at).where(
+            Job.status.in_(finished)
+        )
+        with self.session() as session:
+            return [
+                (status, trigger, (end - start).total_seconds() if start and end else None)
+                for status, trigger, start, end in session.execute(query)
+            ]
+
+    # -- logs and metrics ----------------------------------------------------------------------
+
+    def append_log(self, job_id: str, level: str, message: str) -> None:
+        with self.session() as session:
+            session.add(JobLog(job_id=job_id, level=level, message=message))
+
+    def read_log(self, job_id: str, *, after_id: int = 0, limit: int = 1000) -> list[JobLog]:
+        query = (
+            select(JobLog)
+            .where(JobLog.job_id == job_id, JobLog.id > after_id)
+            .order_by(JobLog.id)
+            .limit(limit)
+        )
+        with self.session() as session:
+            return list(session.scalars(query))
+
+    def record_epoch(self, job_id: str, epoch: int, metrics: dict[str, float]) -> None:
+        """Store one epoch's metrics; a resumed job that repeats an epoch overwrites it."""
+        with self.session() as session:
+            existing = session.scalars(
+                select(EpochMetric).where(EpochMetric.job_id == job_id, EpochMetric.epoch == epoch)
+            ).first()
+            if existing is None:
+                session.add(EpochMetric(job_id=job_id, epoch=epoch, metrics=metrics))
+            else:
+                existing.metrics = metrics
+                existing.at = utcnow()
+
+    def epoch_metrics(self, job_id: str) -> list[EpochMetric]:
+        query = select(EpochMetric).where(EpochMetric.job_id == job_id).order_by(EpochMetric.epoch)
+        with self.session() as session:
+            return list(session.scalars(query))
+
+    def count_epochs(self) -> int:
+        with self.session() as session:
+            return session.scalar(select(func.count()).select_from(EpochMetric)) or 0
+
+    # -- datasets ------------------------------------------------------------------------------
+
+    def add_dataset(self, dataset: Dataset) -> Dataset:
+        with self.session() as session:
+            session.add(dataset)
+        return dataset
+
+    def get_dataset(self, dataset_id: str) -> Dataset:
+        with self.session() as session:
+            dataset = session.get(Dataset, dataset_id)
+            if dataset is None:
+                raise NotFound(f"no dataset {dataset_id!r}", field="dataset")
+            return dataset
+
+    def list_datasets(self) -> list[Dataset]:
+        with self.session() as session:
+            return list(session.scalars(select(Dataset).order_by(Dataset.created_at.desc())))
+
+    # -- models --------------------------------------------------------------------------------
+
+    def add_model_version(self, version: ModelVersion) -> ModelVersion:
+        """Insert the next version number of a model, creating the model on first use."""
+        with self.session() as session:
+            if session.get(Model, version.model_name) is None:
+                session.add(Model(name=version.model_name))
+                session.flush()
+            latest = session.scalar(
+                select(func.max(ModelVersion.version)).where(
+                    ModelVersion.model_name == version.model_name
+                )
+            )
+            version.version = (latest or 0) + 1
+            session.add(version)
+        return version
+
+    def get_model(self, name: str) -> Model:
+        with self.session() as session:
+            model = session.get(Model, name)
+            if model is None:
+                raise NotFound(f"no model {name!r}", field="model_name")
+            return model
+
+    def list_models(self) -> list[Model]:
+        with self.session() as session:
+            return list(session.scalars(select(Model).order_by(Model.name)))
+
+    def list_versions(self, name: str) -> list[ModelVersion]:
+        query = (
+            select(ModelVersion)
+            .where(ModelVersion.model_name == name)
+            .order_by(ModelVersion.version)
+        )
+        with self.session() as session:
+            return list(session.scalars(query))
+
+    def get_version(self, name: str, version: int) -> ModelVersion:
+        query = select(ModelVersion).where(
+            ModelVersion.model_name == name, ModelVersion.version == version
+        )
+        with self.session() as session:
+            found = session.scalars(query).first()
+            if found is None:
+                raise NotFound(f"model {name!r} has no version {version}", field="version")
+            return found
+
+    def set_production(self, name: str, version: int) -> None:
+        self.get_version(name, version)
+        with self.session() as session:
+            session.execute(
+                update(Model).where(Model.name == name).values(production_version=version)
+            )
