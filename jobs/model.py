@@ -1,0 +1,207 @@
+"""Transfer-learning models: a pretrained encoder, a new head, and what of them may train.
+
+Weights load from safetensors only and no remote code runs: a base model is data, never code.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedTokenizerBase
+
+from jobs.builtins import builtin_model_dir
+from jobs.errors import ModelUnavailable, SpecInvalid
+from jobs.spec import HUB_REFERENCE, Hyperparameters, Strategy, StrategyKind
+
+log = logging.getLogger(__name__)
+
+HEAD_FILE = "head.safetensors"
+LABELS_FILE = "labels.json"
+ENCODER_DIR = "encoder"
+NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
+
+
+def resolve_base_model(reference: str) -> Path:
+    """Return a local Hugging Face folder for a spec's ``base_model``, or say why there is none."""
+    if reference.startswith("builtin:"):
+        return builtin_model_dir(reference.removeprefix("builtin:"))
+    if reference.startswith("hub:"):
+        return _fetch_from_hub(reference)
+    folder = Path(reference)
+    if not (folder / "config.json").is_file():
+        raise ModelUnavailable(
+            f"base model folder {reference!r} has no config.json; give a folder in Hugging Face "
+            "format",
+            field="base_model",
+        )
+    if not any(folder.glob("*.safetensors")):
+        raise ModelUnavailable(
+            f"base model folder {reference!r} has no .safetensors weights; other weight formats "
+            "can run code when loaded and are refused",
+            field="base_model",
+        )
+    return folder
+
+
+def _fetch_from_hub(reference: str) -> Path:
+    match = HUB_REFERENCE.match(reference)
+    assert match is not None, "the spec validated the form"
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        folder = snapshot_download(
+            match["repo"],
+            revision=match["revision"],
+            etag_timeout=10,
+            allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"],
+        )
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as exc:
+        raise ModelUnavailable(
+            f"base model {reference!r} is not in the local Hugging Face cache and the Hub could "
+            f"not be reached ({type(exc).__name__}); copy the model to a local folder and give "
+            "its absolute path, or use a builtin model",
+            field="base_model",
+        ) from None
+    return resolve_base_model(folder)
+
+
+def encoder_layers(encoder: nn.Module) -> nn.ModuleList:
+    """The stack of transformer layers of a BERT-shaped encoder."""
+    stack = getattr(getattr(encoder, "encoder", None), "layer", None)
+    if not isinstance(stack, nn.ModuleList):
+        raise SpecInvalid(
+            f"strategy 'partial' needs a BERT-shaped encoder; {type(encoder).__name__} has no "
+            "encoder.layer stack",
+            field="strategy.kind",
+        )
+    return stack
+
+
+def check_strategy(strategy: Strategy, base_dir: Path) -> None:
+    """Refuse a freeze depth the base model cannot have, before the job queues."""
+    if strategy.kind is not StrategyKind.PARTIAL:
+        return
+    config = AutoConfig.from_pretrained(base_dir, trust_remote_code=False)
+    layers = getattr(config, "num_hidden_layers", None)
+    if layers is not None and strategy.frozen_layers > layers:
+        raise SpecInvalid(
+            f"strategy.frozen_layers is {strategy.frozen_layers} but the base model has "
+            f"{layers} layers; give 0 to {layers}",
+            field="strategy.frozen_layers",
+        )
+
+
+class TransferClassifier(nn.Module):
+    """A pretrained encoder, mean-pooled, under a new linear head."""
+
+    def __init__(self, encoder: nn.Module, num_labels: int, dropout: float) -> None:
+        super().__init__()
+        self.encoder = encoder
+        hidden = int(encoder.config.hidden_size)
+        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(hidden, num_labels))
+
+    def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(input_ids, attention_mask))
+
+
+def load_encoder(folder: Path) -> nn.Module:
+    return AutoModel.from_pretrained(folder, use_safetensors=True, trust_remote_code=False)
+
+
+def load_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
+    return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+
+
+def build_classifier(base_dir: Path, num_labels: int, dropout: float) -> TransferClassifier:
+    return TransferClassifier(load_encoder(base_dir), num_labels, dropout)
+
+
+def apply_strategy(model: TransferClassifier, strategy: Strategy) -> None:
+    """Freeze what should stay: the whole encoder, its embeddings and lowest layers, or nothing."""
+    model.head.requires_grad_(True)
+    if strategy.kind is StrategyKind.FULL:
+        model.encoder.requires_grad_(True)
+        return
+    model.encoder.requires_grad_(False)
+    if strategy.kind is StrategyKind.FEATURE_EXTRACTION:
+        return
+    for layer in encoder_layers(model.encoder)[strategy.frozen_layers :]:
+        layer.requires_grad_(True)
+    pooler = getattr(model.encoder, "pooler", None)
+    if pooler is not None:  # unused by mean pooling; training it would only waste time
+        pooler.requires_grad_(False)
+
+
+def parameter_groups(model: TransferClassifier, hp: Hyperparameters) -> list[dict[str, Any]]:
+    """Discriminative learning rates: the encoder at ``encoder_lr``, the head at ``head_lr``."""
+    groups: list[dict[str, Any]] = []
+    for part, lr in ((model.encoder, hp.encoder_lr), (model.head, hp.head_lr)):
+        decay, no_decay = [], []
+        for name, parameter in part.named_parameters():
+            if parameter.requires_grad:
+                (no_decay if name.endswith(NO_DECAY) else decay).append(parameter)
+        if decay:
+            groups.append({"params": decay, "lr": lr, "weight_decay": hp.weight_decay})
+        if no_decay:
+            groups.append({"params": no_decay, "lr": lr, "weight_decay": 0.0})
+    return groups
+
+
+def count_parameters(model: nn.Module) -> dict[str, int]:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"total": total, "trainable": trainable}
+
+
+def save_classifier(
+    model: TransferClassifier, base_dir: Path, label_names: list[str], target: Path
+) -> None:
+    """Write a self-contained model folder: encoder and tokenizer, head, label names."""
+    target.mkdir(parents=True, exist_ok=True)
+    model.encoder.save_pretrained(target / ENCODER_DIR, safe_serialization=True)
+    load_tokenizer(base_dir).save_pretrained(target / ENCODER_DIR)
+    save_file(_contiguous(model.head.state_dict()), str(target / HEAD_FILE))
+    (target / LABELS_FILE).write_text(json.dumps(label_names))
+
+
+def load_classifier(folder: Path) -> tuple[TransferClassifier, PreTrainedTokenizerBase, list[str]]:
+    """Load a folder written by :func:`save_classifier`, ready for inference."""
+    label_names = json.loads((folder / LABELS_FILE).read_text())
+    model = TransferClassifier(load_encoder(folder / ENCODER_DIR), len(label_names), dropout=0.0)
+    model.head.load_state_dict(load_file(str(folder / HEAD_FILE)))
+    model.eval()
+    return model, load_tokenizer(folder / ENCODER_DIR), label_names
+
+
+def save_state(model: nn.Module, path: Path) -> None:
+    save_file(_contiguous(model.state_dict()), str(path))
+
+
+def load_state(model: nn.Module, path: Path) -> None:
+    model.load_state_dict(load_file(str(path)))
+
+
+def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {key: tensor.detach().contiguous().cpu() for key, tensor in state.items()}
+
+
+def copy_tree_atomically(source: Path, target: Path) -> None:
+    """Copy a folder so that ``target`` either does not exist or is complete."""
+    staging = target.with_name(f".{target.name}.partial-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(source, staging)
+    os.replace(staging, target)

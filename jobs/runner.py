@@ -1,0 +1,341 @@
+"""The runner: one Ray actor that takes queued jobs from the store and runs each in Ray.
+
+Each job runs in its own detached ``JobProcess`` actor, which drives a Ray Train
+``TorchTrainer`` and writes the job's terminal status itself. The runner claims jobs, starts
+and stops those processes, and notices the ones that died. The store is the source of truth,
+so a restarted runner picks up where the last one stopped: a job whose process is gone goes
+back to the queue and resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+import traceback
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from jobs.data import DataCatalog, PreparedData
+from jobs.errors import TuneloopError
+from jobs.model import resolve_base_model
+from jobs.registry import Registry
+from jobs.settings import Settings
+from jobs.spec import JobSpec, StrategyKind
+from jobs.store import Job, JobStatus, Store
+from jobs.train import (
+    EVAL_FILE,
+    WEIGHTS_FILE,
+    TrainingInput,
+    selection_metric,
+    train_loop_per_worker,
+)
+
+log = logging.getLogger(__name__)
+
+NAMESPACE = "tuneloop"
+RUNNER_NAME = "tuneloop-runner"
+MAX_ATTEMPTS = 3
+
+
+def job_process_name(job_id: str) -> str:
+    return f"tuneloop-job-{job_id}"
+
+
+def feature_cache_key(base_dir: Path, data: PreparedData, max_length: int) -> str:
+    """Encoder outputs depend on the weights, the tokenizer, the texts and the max length."""
+    digest = hashlib.sha256()
+    for name in sorted(p.name for p in base_dir.iterdir() if p.is_file()):
+        stat = (base_dir / name).stat()
+        digest.update(f"{name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    digest.update(f"{data.sha256}:{max_length}".encode())
+    return digest.hexdigest()[:32]
+
+
+def build_trainer(
+    job: Job, spec: JobSpec, settings: Settings
+) -> tuple[TorchTrainer, PreparedData, Path]:
+    base_dir = resolve_base_model(spec.base_model)
+    catalog = DataCatalog(settings, Store.open(settings.resolved_database_url(), upgrade=False))
+    data = catalog.load(spec.data, seed=spec.hyperparameters.seed)
+    cache = None
+    if spec.strategy.kind is StrategyKind.FEATURE_EXTRACTION:
+        key = feature_cache_key(base_dir, data, spec.hyperparameters.max_length)
+        cache = str(settings.cache_dir() / "features" / f"{key}.safetensors")
+    training = TrainingInput(
+        job_id=job.id,
+        spec=spec.to_document(),
+        base_dir=str(base_dir),
+        database_url=settings.resolved_database_url(),
+        label_names=data.label_names,
+        train_texts=data.train.texts,
+        train_labels=data.label_ids(data.train),
+        val_texts=data.validation.texts,
+        val_labels=data.label_ids(data.validation),
+        feature_cache=cache,
+    )
+    resources = spec.resources
+    per_worker = {"CPU": resources.cpus_per_worker}
+    if resources.gpus_per_worker:
+        per_worker["GPU"] = resources.gpus_per_worker
+    metric, mode = selection_metric(spec)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=asdict(training),
+        scaling_config=ScalingConfig(
+            num_workers=resources.workers,
+            use_gpu=resources.gpus_per_worker > 0,
+            resources_per_worker=per_worker,
+        ),
+        run_config=RunConfig(
+            name=job.id,
+            storage_path=str(settings.checkpoints_dir()),
+            failure_config=FailureConfig(max_failures=settings.max_worker_failures),
+            checkpoint_config=CheckpointConfig(
+                checkpoint_score_attribute=metric, checkpoint_score_order=mode
+            ),
+        ),
+    )
+    return trainer, data, base_dir
+
+
+@ray.remote(num_cpus=0, max_restarts=0, max_concurrency=4)
+class JobProcess:
+    """Runs one job to its end, from the moment it is created, and records how it ended.
+
+    Anyone may ``wait`` on it: the runner that started it, or a restarted runner adopting it.
+    """
+
+    def __init__(self, job_id: str, settings: dict[str, Any]) -> None:
+        self.job_id = job_id
+        self.settings = Settings.model_validate(settings)
+        self.store = Store.open(self.settings.resolved_database_url(), upgrade=False)
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def wait(self) -> str:
+        self.thread.join()
+        return self.store.get_job(self.job_id).status
+
+    def run(self) -> None:
+        try:
+            self._run()
+        except TuneloopError as exc:
+            self.store.transition(self.job_id, JobStatus.FAILED, error=exc.message)
+        except Exception as exc:  # the job fails; the process must still report why
+            self.store.append_log(self.job_id, "ERROR", traceback.format_exc())
+            self.store.transition(
+                self.job_id, JobStatus.FAILED, error=f"{type(exc).__name__}: {exc}"
+            )
+
+    def _run(self) -> None:
+        job = self.store.get_job(self.job_id)
+        spec = JobSpec.model_validate(job.spec)
+        self.store.append_log(
+            job.id,
+            "INFO",
+            f"starting attempt {job.attempts}: "
+            f"{spec.resources.workers} worker(s), strategy "
+            f"{spec.strategy.kind.value}",
+        )
+        trainer, data, base_dir = build_trainer(job, spec, self.settings)
+        result = trainer.fit()
+        if result.error is not None:
+            raise result.error
+
+        metric, mode = selection_metric(spec)
+        best = result.get_best_checkpoint(metric, mode) or result.checkpoint
+        if best is None:
+            raise RuntimeError("training finished without a checkpoint")
+        registry = Registry(self.settings, self.store)
+        with best.as_directory() as folder:
+            evaluation = json_file(Path(folder) / EVAL_FILE)
+            version = registry.register(
+                job_id=job.id,
+                spec=spec,
+                base_dir=base_dir,
+                weights=Path(folder) / WEIGHTS_FILE,
+                label_names=data.label_names,
+                metrics=evaluation,
+                dataset_hash=data.sha256,
+                parent_version=job.parent_version,
+            )
+        decision = registry.challenge(
+            version, spec.serving.promote, data.validation.texts, data.validation.labels
+        )
+        self.store.append_log(
+            job.id,
+            "INFO",
+            f"registered {spec.model_name} v{version.version}; "
+            f"{'promoted' if decision.promote else 'not promoted'}: "
+            f"{decision.reason}",
+        )
+        self.store.transition(
+            job.id,
+            JobStatus.SUCCEEDED,
+            model_version=version.version,
+            result={
+                "metrics": evaluation,
+                "best_epoch": evaluation.get("epoch"),
+                "promotion": decision.to_dict(),
+            },
+        )
+
+
+def json_file(path: Path) -> dict[str, Any]:
+    return dict(json.loads(path.read_text()))
+
+
+class Runner:
+    """Claims queued jobs while the cluster has room, and reaps, cancels and recovers them."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.store = Store.open(settings.resolved_database_url())
+        self.processes: dict[str, tuple[Any, ray.ObjectRef]] = {}
+        self._stop = threading.Event()
+        self._waiting_logged: set[str] = set()
+
+    def recover(self) -> None:
+        """Adopt or requeue jobs the store says are running, after a restart of the runner."""
+        for job in self.store.list_jobs(status=JobStatus.RUNNING, limit=10_000):
+            try:
+                actor = ray.get_actor(job_process_name(job.id), namespace=NAMESPACE)
+            except ValueError:
+                self._process_lost(job.id, "its process was gone when the runner started")
+                continue
+            self.processes[job.id] = (actor, actor.wait.remote())
+            log.info("job %s: adopted its running process", job.id)
+
+    def tick(self) -> None:
+        self.reap()
+        self.cancel_requested()
+        self.schedule()
+
+    def reap(self) -> None:
+        for job_id, (actor, ref) in list(self.processes.items()):
+            ready, _ = ray.wait([ref], timeout=0)
+            if not ready:
+                continue
+            del self.processes[job_id]
+            try:
+                ray.get(ref)
+            except ray.exceptions.RayError as exc:
+                self._process_lost(job_id, f"its process died: {first_line(exc)}")
+            ray.kill(actor, no_restart=True)
+
+    def cancel_requested(self) -> None:
+        for job_id, (actor, _) in list(self.processes.items()):
+            job = self.store.get_job(job_id)
+            if job.cancel_requested:
+                ray.kill(actor, no_restart=True)
+                del self.processes[job_id]
+                self.store.transition(job_id, JobStatus.CANCELLED)
+
+    def schedule(self) -> None:
+        free_slots = self.settings.max_running_jobs - len(self.processes)
+        if free_slots <= 0:
+            return
+        for job in self.store.pending_jobs(limit=free_slots * 4):
+            if len(self.processes) >= self.settings.max_running_jobs:
+                return
+            spec = JobSpec.model_validate(job.spec)
+            if not self._fits(job.id, spec):
+                continue
+            if self.store.transition(job.id, JobStatus.RUNNING):
+                self._start(job.id)
+
+    def _fits(self, job_id: str, spec: JobSpec) -> bool:
+        available = ray.available_resources()
+        need_cpu = spec.resources.workers * spec.resources.cpus_per_worker
+        need_gpu = spec.resources.workers * spec.resources.gpus_per_worker
+        fits = available.get("CPU", 0) >= need_cpu and available.get("GPU", 0) >= need_gpu
+        if not fits and job_id not in self._waiting_logged:
+            self._waiting_logged.add(job_id)
+            self.store.append_log(
+                job_id,
+                "INFO",
+                f"waiting for {need_cpu:g} CPU and {need_gpu:g} GPU; "
+                f"free now: {available.get('CPU', 0):g} CPU, {available.get('GPU', 0):g} GPU",
+            )
+        return fits
+
+    def _start(self, job_id: str) -> None:
+        actor = JobProcess.options(
+            name=job_process_name(job_id),
+            namespace=NAMESPACE,
+            lifetime="detached",
+        ).remote(job_id, self.settings.model_dump(mode="json"))
+        self.processes[job_id] = (actor, actor.wait.remote())
+
+    def _process_lost(self, job_id: str, reason: str) -> None:
+        job = self.store.get_job(job_id)
+        if job.status != JobStatus.RUNNING:
+            return
+        if job.cancel_requested:
+            self.store.transition(job_id, JobStatus.CANCELLED)
+        elif job.attempts < MAX_ATTEMPTS:
+            self.store.append_log(
+                job_id,
+                "WARNING",
+                f"{reason}; requeued to resume from its "
+                f"last checkpoint (attempt {job.attempts} of {MAX_ATTEMPTS})",
+            )
+            self.store.transition(job_id, JobStatus.PENDING)
+        else:
+            self.store.transition(
+                job_id, JobStatus.FAILED, error=f"{reason}; gave up after {job.attempts} attempts"
+            )
+
+    def run_forever(self) -> None:
+        self.recover()
+        while not self._stop.is_set():
+            try:
+                self.tick()
+            except Exception:  # a bad tick must not stop the runner; the next one retries
+                log.exception("runner tick failed")
+            self._stop.wait(self.settings.runner_poll_seconds)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:500] if text else type(exc).__name__
+
+
+@ray.remote(num_cpus=0, max_restarts=-1, max_concurrency=4)
+class RunnerActor:
+    """The runner as one named, detached Ray actor; Ray restarts it if it dies."""
+
+    def __init__(self, settings: dict[str, Any]) -> None:
+        from jobs.logs import configure_logging
+
+        self.settings = Settings.model_validate(settings)
+        configure_logging(self.settings)
+        self.runner = Runner(self.settings)
+        self.thread = threading.Thread(target=self.runner.run_forever, daemon=True)
+        self.thread.start()
+
+    def ping(self) -> bool:
+        return self.thread.is_alive()
+
+    def running_jobs(self) -> list[str]:
+        return sorted(self.runner.processes)
+
+
+def ensure_runner(settings: Settings) -> Any:
+    """Start the runner actor, or return the one already running."""
+    return RunnerActor.options(
+        name=RUNNER_NAME,
+        namespace=NAMESPACE,
+        lifetime="detached",
+        get_if_exists=True,
+    ).remote(settings.model_dump(mode="json"))

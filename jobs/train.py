@@ -1,0 +1,353 @@
+"""The training loop each Ray Train worker runs, and the metrics it reports.
+
+One loop serves every strategy. Feature extraction computes the frozen encoder's outputs once,
+caches them on disk keyed by model, data and tokenizer settings, and trains the head on them;
+the other strategies run the encoder in every step with the frozen part excluded from the
+optimizer. Rank 0 writes each epoch's metrics and a log line to the store, and a checkpoint
+that a restarted worker group resumes from.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray.train
+import ray.train.torch
+import torch
+from safetensors.torch import load_file, save_file
+from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+from transformers import PreTrainedTokenizerBase, get_linear_schedule_with_warmup
+
+from jobs.model import (
+    TransferClassifier,
+    apply_strategy,
+    build_classifier,
+    load_state,
+    load_tokenizer,
+    parameter_groups,
+    save_state,
+)
+from jobs.spec import Augmentation, EarlyStopping, JobSpec, StrategyKind
+from jobs.store import Store, make_engine
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "state.json"
+WEIGHTS_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"
+EVAL_FILE = "eval.json"
+ENCODE_BATCH = 64
+
+
+@dataclass(frozen=True)
+class TrainingInput:
+    """Everything a worker needs, passed through Ray Train's config as plain data."""
+
+    job_id: str
+    spec: dict[str, Any]
+    base_dir: str
+    database_url: str
+    label_names: list[str]
+    train_texts: list[str]
+    train_labels: list[int]
+    val_texts: list[str]
+    val_labels: list[int]
+    feature_cache: str | None = None
+
+    @property
+    def job_spec(self) -> JobSpec:
+        return JobSpec.model_validate(self.spec)
+
+
+@dataclass
+class Progress:
+    epoch: int = 0
+    best_score: float | None = None
+    best_epoch: int | None = None
+    bad_epochs: int = 0
+
+    def improved(self, score: float, stopping: EarlyStopping | None) -> bool:
+        mode = stopping.mode if stopping else "max"
+        delta = stopping.min_delta if stopping else 0.0
+        if self.best_score is None:
+            return True
+        return score < self.best_score - delta if mode == "min" else score > self.best_score + delta
+
+
+def selection_metric(spec: JobSpec) -> tuple[str, str]:
+    stopping = spec.hyperparameters.early_stopping
+    return (stopping.metric, stopping.mode) if stopping else ("val_f1", "max")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def word_dropout(text: str, augmentation: Augmentation, rng: random.Random) -> str:
+    """Drop each word with the configured probability, keeping at least one word."""
+    words = text.split()
+    kept = [word for word in words if rng.random() >= augmentation.probability]
+    return " ".join(kept or words[:1])
+
+
+def tokenize(
+    tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    encoded = tokenizer(
+        texts, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt"
+    )
+    return encoded["input_ids"], encoded["attention_mask"]
+
+
+@torch.inference_mode()
+def encode_features(
+    model: TransferClassifier, ids: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    model.eval()
+    chunks = [
+        model.features(ids[i : i + ENCODE_BATCH], mask[i : i + ENCODE_BATCH])
+        for i in range(0, len(ids), ENCODE_BATCH)
+    ]
+    return torch.cat(chunks)
+
+
+def classification_metrics(
+    labels: list[int], predictions: list[int], num_labels: int
+) -> dict[str, Any]:
+    precision, recall, f1, _ = precision_recall_fscore_support(
+        labels, predictions, average="macro", zero_division=0, labels=list(range(num_labels))
+    )
+    return {
+        "val_accuracy": float(accuracy_score(labels, predictions)),
+        "val_precision": float(precision),
+        "val_recall": float(recall),
+        "val_f1": float(f1),
+        "confusion_matrix": confusion_matrix(
+            labels, predictions, labels=list(range(num_labels))
+        ).tolist(),
+    }
+
+
+class Worker:
+    """One Ray Train worker's share of a job."""
+
+    def __init__(self, job: TrainingInput) -> None:
+        self.job = job
+        self.spec = job.job_spec
+        self.hp = self.spec.hyperparameters
+        context = ray.train.get_context()
+        self.rank = context.get_world_rank()
+        self.world_size = context.get_world_size()
+        self.store = Store(make_engine(job.database_url)) if self.rank == 0 else None
+        self.frozen_encoder = self.spec.strategy.kind is StrategyKind.FEATURE_EXTRACTION
+        self.loss_fn = nn.CrossEntropyLoss()
+        self.rng = random.Random(self.hp.seed + self.rank)
+
+    def log(self, message: str) -> None:
+        if self.store is not None:
+            self.store.append_log(self.job.job_id, "INFO", message)
+
+    def run(self) -> None:
+        threads = max(1, int(self.spec.resources.cpus_per_worker))
+        torch.set_num_threads(threads)
+        seed_everything(self.hp.seed)
+        base_dir = Path(self.job.base_dir)
+        self.tokenizer = load_tokenizer(base_dir)
+        self.model = build_classifier(base_dir, len(self.job.label_names), self.hp.dropout)
+        apply_strategy(self.model, self.spec.strategy)
+
+        if self.frozen_encoder:
+            train_x, val_x = self.cached_features()
+            trained: nn.Module = self.model.head
+        else:
+            train_x = tokenize(self.tokenizer, self.job.train_texts, self.hp.max_length)
+            val_x = tokenize(self.tokenizer, self.job.val_texts, self.hp.max_length)
+            trained = self.model
+        self.val_x = val_x
+        self.trained = ray.train.torch.prepare_model(trained)
+        self.optimizer = torch.optim.AdamW(parameter_groups(self.model, self.hp))
+        steps_per_epoch = math.ceil(
+            len(self.job.train_labels) / self.world_size / self.hp.batch_size
+        )
+        total_steps = steps_per_epoch * self.hp.epochs
+        self.scheduler = get_linear_schedule_with_warmup(
+            self.optimizer, int(total_steps * self.hp.warmup_ratio), total_steps
+        )
+        progress = self.restore()
+        self.train_epochs(train_x, progress)
+
+    def cached_features(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The frozen encoder's outputs, computed once per model, data and max length."""
+        cache = Path(self.job.feature_cache) if self.job.feature_cache else None
+        if cache is not None and cache.is_file():
+            stored = load_file(str(cache))
+            self.log(f"encoder outputs read from cache {cache.name}")
+            return stored["train"], stored["val"]
+        started = time.perf_counter()
+        train = encode_features(
+            self.model, *tokenize(self.tokenizer, self.job.train_texts, self.hp.max_length)
+        )
+        val = encode_features(
+            self.model, *tokenize(self.tokenizer, self.job.val_texts, self.hp.max_length)
+        )
+        if cache is not None and self.rank == 0:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            partial = cache.with_suffix(f".partial-{os.getpid()}")
+            save_file({"train": train.contiguous(), "val": val.contiguous()}, str(partial))
+            os.replace(partial, cache)
+        self.log(f"encoder outputs computed in {time.perf_counter() - started:.1f}s and cached")
+        return train, val
+
+    def restore(self) -> Progress:
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return Progress()
+        with checkpoint.as_directory() as folder:
+            path = Path(folder)
+            load_state(self.unwrapped, path / WEIGHTS_FILE)
+            saved = torch.load(path / OPTIMIZER_FILE, weights_only=True)
+            self.optimizer.load_state_dict(saved["optimizer"])
+            self.scheduler.load_state_dict(saved["scheduler"])
+            progress = Progress(**json.loads((path / STATE_FILE).read_text()))
+        self.log(f"resumed from the checkpoint of epoch {progress.epoch}")
+        return progress
+
+    @property
+    def unwrapped(self) -> nn.Module:
+        trained = self.trained
+        return trained.module if hasattr(trained, "module") else trained
+
+    def loader(self, train_x: Any) -> DataLoader:
+        labels = torch.tensor(self.job.train_labels)
+        tensors = (train_x, labels) if self.frozen_encoder else (*train_x, labels)
+        generator = torch.Generator().manual_seed(self.hp.seed)
+        loader = DataLoader(
+            TensorDataset(*tensors),
+            batch_size=self.hp.batch_size,
+            shuffle=True,
+            generator=generator,
+        )
+        return ray.train.torch.prepare_data_loader(loader, move_to_device=False)
+
+    def train_epochs(self, train_x: Any, progress: Progress) -> None:
+        stopping = self.hp.early_stopping
+        metric, _ = selection_metric(self.spec)
+        for epoch in range(progress.epoch + 1, self.hp.epochs + 1):
+            if self.hp.augmentation is not None and not self.frozen_encoder:
+                train_x = self.augmented_inputs(self.hp.augmentation)
+            loader = self.loader(train_x)
+            if hasattr(loader.sampler, "set_epoch"):
+                loader.sampler.set_epoch(epoch)
+            started = time.perf_counter()
+            train_loss, samples = self.train_one_epoch(loader)
+            elapsed = time.perf_counter() - started
+            evaluation = self.evaluate()
+
+            score = evaluation[metric]
+            if progress.improved(score, stopping):
+                progress.best_score, progress.best_epoch, progress.bad_epochs = score, epoch, 0
+            else:
+                progress.bad_epochs += 1
+            progress.epoch = epoch
+            metrics = {
+                "epoch": epoch,
+                "train_loss": train_loss,
+                "train_samples_per_second": samples * self.world_size / max(elapsed, 1e-9),
+                **{k: v for k, v in evaluation.items() if k != "confusion_matrix"},
+            }
+            stop = stopping is not None and progress.bad_epochs >= stopping.patience
+            self.report(metrics, evaluation, progress, stop)
+            if stop:
+                self.log(
+                    f"early stopping: {metric} has not improved for "
+                    f"{progress.bad_epochs} epochs; best was epoch {progress.best_epoch}"
+                )
+                break
+
+    def augmented_inputs(self, augmentation: Augmentation) -> tuple[torch.Tensor, torch.Tensor]:
+        texts = [word_dropout(text, augmentation, self.rng) for text in self.job.train_texts]
+        return tokenize(self.tokenizer, texts, self.hp.max_length)
+
+    def train_one_epoch(self, loader: DataLoader) -> tuple[float, int]:
+        self.trained.train()
+        total_loss, samples = 0.0, 0
+        for batch in loader:
+            *inputs, labels = batch
+            logits = self.trained(*inputs)
+            loss = self.loss_fn(logits, labels)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            self.scheduler.step()
+            total_loss += float(loss.detach()) * len(labels)
+            samples += len(labels)
+        return total_loss / max(samples, 1), samples
+
+    @torch.inference_mode()
+    def evaluate(self) -> dict[str, Any]:
+        """Every worker scores the whole validation set, so all ranks agree on early stopping."""
+        model = self.unwrapped
+        model.eval()
+        labels = torch.tensor(self.job.val_labels)
+        if self.frozen_encoder:
+            logits = model(self.val_x)
+        else:
+            ids, mask = self.val_x
+            logits = torch.cat(
+                [
+                    model(ids[i : i + ENCODE_BATCH], mask[i : i + ENCODE_BATCH])
+                    for i in range(0, len(ids), ENCODE_BATCH)
+                ]
+            )
+        loss = float(self.loss_fn(logits, labels))
+        predictions = logits.argmax(-1).tolist()
+        metrics = classification_metrics(
+            self.job.val_labels, predictions, len(self.job.label_names)
+        )
+        return {"val_loss": loss, **metrics}
+
+    def report(
+        self, metrics: dict[str, Any], evaluation: dict[str, Any], progress: Progress, stop: bool
+    ) -> None:
+        epoch = metrics["epoch"]
+        if self.store is None:
+            ray.train.report(metrics, checkpoint=None)
+            return
+        self.store.record_epoch(self.job.job_id, epoch, metrics)
+        shown = " ".join(
+            f"{key}={metrics[key]:.4f}"
+            for key in ("train_loss", "val_loss", "val_accuracy", "val_f1")
+        )
+        self.log(f"epoch {epoch}/{self.hp.epochs} {shown}")
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder)
+            save_state(self.unwrapped, path / WEIGHTS_FILE)
+            torch.save(
+                {
+                    "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(),
+                },
+                path / OPTIMIZER_FILE,
+            )
+            (path / STATE_FILE).write_text(json.dumps(progress.__dict__))
+            (path / EVAL_FILE).write_text(json.dumps({**metrics, **evaluation, "stopped": stop}))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train's entry point on every worker."""
+    Worker(TrainingInput(**config)).run()
