@@ -1,0 +1,217 @@
+"""The REST routes under /v1: thin, each validating its input and calling one function."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, FastAPI, File, Form, Header, Query, Request, UploadFile
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from jobs.data import DataCatalog
+from jobs.errors import TooLarge
+from jobs.settings import Settings
+from jobs.spec import JobSpec, parse_spec
+from jobs.store import JobStatus, Store
+from jobs.submission import submit_job
+from server.errors import install_error_handlers
+from server.schemas import (
+    DatasetList,
+    DatasetOut,
+    Health,
+    JobList,
+    JobLogOut,
+    JobMetricsOut,
+    JobOut,
+    ModelList,
+    ModelOut,
+    PredictIn,
+    PredictOut,
+    PromoteIn,
+)
+
+log = logging.getLogger(__name__)
+
+
+class Services:
+    """What the routes work with, made once per API replica."""
+
+    def __init__(self, settings: Settings, store: Store, predictor: Any, metrics: Any) -> None:
+        self.settings = settings
+        self.store = store
+        self.catalog = DataCatalog(settings, store)
+        self.predictor = predictor
+        self.metrics = metrics
+
+
+_services: Services | None = None
+
+
+def set_services(value: Services) -> None:
+    """Give the routes their services; the Serve ingress calls this once per replica."""
+    global _services
+    _services = value
+
+
+def services(_: Request) -> Services:
+    if _services is None:
+        raise RuntimeError("the API's services were not set up; set_services was never called")
+    return _services
+
+
+def run_blocking(function: Any, /, *args: Any, **kwargs: Any) -> Any:
+    """Database and file work runs off the event loop so one slow query stalls no one else."""
+    return asyncio.to_thread(function, *args, **kwargs)
+
+
+router = APIRouter(prefix="/v1")
+
+
+@router.post("/jobs", status_code=201, response_model=JobOut, tags=["jobs"])
+async def create_job(
+    request: Request,
+    document: Annotated[
+        dict[str, Any],
+        Body(
+            description="A job spec.",
+            examples=[{"model_name": "reviews", "data": {"dataset": "ds-..."}}],
+        ),
+    ],
+    idempotency_key: Annotated[str | None, Header(max_length=128)] = None,
+) -> JobOut:
+    spec: JobSpec = parse_spec(document)
+    s = services(request)
+    job = await run_blocking(
+        submit_job,
+        store=s.store,
+        settings=s.settings,
+        spec=spec,
+        idempotency_key=idempotency_key,
+    )
+    return JobOut.of(job)
+
+
+@router.get("/jobs", response_model=JobList, tags=["jobs"])
+async def list_jobs(
+    request: Request,
+    status: JobStatus | None = None,
+    model_name: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> JobList:
+    jobs = await run_blocking(
+        services(request).store.list_jobs, status=status, model_name=model_name, limit=limit
+    )
+    return JobList(jobs=[JobOut.of(job) for job in jobs])
+
+
+@router.get("/jobs/{job_id}", response_model=JobOut, tags=["jobs"])
+async def get_job(request: Request, job_id: str) -> JobOut:
+    return JobOut.of(await run_blocking(services(request).store.get_job, job_id))
+
+
+@router.post("/jobs/{job_id}/cancel", response_model=JobOut, tags=["jobs"])
+async def cancel_job(request: Request, job_id: str) -> JobOut:
+    return JobOut.of(await run_blocking(services(request).store.request_cancel, job_id))
+
+
+@router.get("/jobs/{job_id}/log", response_model=JobLogOut, tags=["jobs"])
+async def job_log(
+    request: Request,
+    job_id: str,
+    after: Annotated[int, Query(ge=0)] = 0,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
+) -> JobLogOut:
+    store = services(request).store
+    await run_blocking(store.get_job, job_id)
+    lines = await run_blocking(store.read_log, job_id, after_id=after, limit=limit)
+    return JobLogOut.of(job_id, lines)
+
+
+@router.get("/jobs/{job_id}/metrics", response_model=JobMetricsOut, tags=["jobs"])
+async def job_metrics(request: Request, job_id: str) -> JobMetricsOut:
+    store = services(request).store
+    await run_blocking(store.get_job, job_id)
+    return JobMetricsOut.of(job_id, await run_blocking(store.epoch_metrics, job_id))
+
+
+@router.post("/datasets", status_code=201, response_model=DatasetOut, tags=["datasets"])
+async def upload_dataset(
+    request: Request,
+    file: Annotated[UploadFile, File(description="CSV, JSONL or Parquet.")],
+    name: Annotated[str | None, Form(max_length=255)] = None,
+) -> DatasetOut:
+    s = services(request)
+    if file.size is not None and file.size > s.settings.max_upload_bytes:
+        raise TooLarge(
+            f"upload is {file.size} bytes; the limit is {s.settings.max_upload_bytes}", field="file"
+        )
+    dataset = await run_blocking(
+        s.catalog.save_upload, file.file, file.filename or "upload", name=name
+    )
+    return DatasetOut.of(dataset)
+
+
+@router.get("/datasets", response_model=DatasetList, tags=["datasets"])
+async def list_datasets(request: Request) -> DatasetList:
+    datasets = await run_blocking(services(request).store.list_datasets)
+    return DatasetList(datasets=[DatasetOut.of(d) for d in datasets])
+
+
+@router.get("/models", response_model=ModelList, tags=["models"])
+async def list_models(request: Request) -> ModelList:
+    store = services(request).store
+    models = await run_blocking(store.list_models)
+    return ModelList(models=[ModelOut.of(m) for m in models])
+
+
+@router.get("/models/{name}", response_model=ModelOut, tags=["models"])
+async def get_model(request: Request, name: str) -> ModelOut:
+    store = services(request).store
+    model = await run_blocking(store.get_model, name)
+    return ModelOut.of(model, await run_blocking(store.list_versions, name))
+
+
+@router.post("/models/{name}/promote", response_model=ModelOut, tags=["models"])
+async def promote_model(request: Request, name: str, body: PromoteIn) -> ModelOut:
+    store = services(request).store
+    await run_blocking(store.set_production, name, body.version)
+    log.info("model %s: v%d promoted by request", name, body.version)
+    return ModelOut.of(
+        await run_blocking(store.get_model, name), await run_blocking(store.list_versions, name)
+    )
+
+
+@router.post("/models/{name}/predict", response_model=PredictOut, tags=["models"])
+async def predict(request: Request, name: str, body: PredictIn) -> PredictOut:
+    result = await services(request).predictor.predict.remote(name, body.inputs)
+    return PredictOut.model_validate(result)
+
+
+operations = APIRouter(tags=["operations"])
+
+
+@operations.get("/healthz", response_model=Health)
+async def healthz(request: Request) -> Health:
+    await run_blocking(services(request).store.count_jobs_by_status)
+    return Health(status="ok", database="ok")
+
+
+@operations.get("/metrics", response_class=Response)
+async def metrics(request: Request) -> Response:
+    body = await run_blocking(services(request).metrics)
+    return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+
+def build_api() -> FastAPI:
+    """The FastAPI application with every route; Serve wraps it as the ingress."""
+    app = FastAPI(
+        title="tuneloop",
+        version="0.1.0",
+        description="Fine-tuning jobs, model versions and predictions.",
+    )
+    install_error_handlers(app)
+    app.include_router(router)
+    app.include_router(operations)
+    return app

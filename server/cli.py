@@ -1,0 +1,304 @@
+"""The ``tuneloop`` command: the local stack, jobs, datasets, models and predictions."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from jobs.logs import configure_logging
+from jobs.settings import Settings, get_settings
+from server.client import ApiError, Client
+
+app = typer.Typer(
+    help="tuneloop: fine-tune pretrained models on Ray, serve and watch them.", no_args_is_help=True
+)
+jobs_app = typer.Typer(help="Submit, list, follow and cancel jobs.", no_args_is_help=True)
+datasets_app = typer.Typer(help="Upload and list datasets.", no_args_is_help=True)
+models_app = typer.Typer(help="List models, their versions, and promote one.", no_args_is_help=True)
+app.add_typer(jobs_app, name="jobs")
+app.add_typer(datasets_app, name="datasets")
+app.add_typer(models_app, name="models")
+console = Console()
+err = Console(stderr=True)
+
+UrlOption = Annotated[
+    str | None, typer.Option("--url", help="API URL; TUNELOOP_URL or the local stack's by default.")
+]
+
+
+def api_url(url: str | None) -> str:
+    settings = get_settings()
+    return (
+        url or os.environ.get("TUNELOOP_URL") or (f"http://{settings.api_host}:{settings.api_port}")
+    )
+
+
+def client(url: str | None) -> Client:
+    return Client(api_url(url), token=os.environ.get("TUNELOOP_TOKEN"))
+
+
+def fail(exc: ApiError) -> typer.Exit:
+    err.print(f"[red]error[/red] {exc.status} {exc.code}: {exc.message}")
+    return typer.Exit(code=1)
+
+
+@app.command()
+def up() -> None:
+    """Start the local stack: a Ray head, the API, the runner and the predictor."""
+    from server.local import up as start
+
+    settings = get_settings()
+    configure_logging(settings)
+    with console.status("starting Ray and the tuneloop application"):
+        url = start(settings)
+    console.print(f"tuneloop is up at [bold]{url}[/bold] (API docs at {url}/docs)")
+    console.print(f"state lives in {settings.home}")
+
+
+@app.command()
+def down() -> None:
+    """Stop the local stack; jobs, datasets and models stay in the home folder."""
+    from server.local import down as stop
+
+    stop(get_settings())
+    console.print("tuneloop is down")
+
+
+@app.command()
+def submit(
+    spec: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="YAML or JSON spec.")],
+    follow_job: Annotated[
+        bool, typer.Option("--follow", help="Follow the job to its end.")
+    ] = False,
+    url: UrlOption = None,
+) -> None:
+    """Submit a job spec file."""
+    try:
+        job = client(url).submit(spec)
+    except ApiError as exc:
+        raise fail(exc) from None
+    console.print(f"submitted [bold]{job['id']}[/bold] ({job['status']})")
+    if follow_job:
+        follow(job["id"], url)
+
+
+@jobs_app.command("list")
+def list_jobs(
+    status: Annotated[str | None, typer.Option(help="Only jobs in this state.")] = None,
+    url: UrlOption = None,
+) -> None:
+    """List jobs, newest first."""
+    table = Table("id", "model", "status", "trigger", "version", "created")
+    for job in client(url).jobs(status=status):
+        table.add_row(
+            job["id"],
+            job["model_name"],
+            job["status"],
+            job["trigger"],
+            str(job["model_version"] or ""),
+            job["created_at"][:19],
+        )
+    console.print(table)
+
+
+@jobs_app.command("show")
+def show(job_id: str, url: UrlOption = None) -> None:
+    """Show one job as JSON, with its epoch metrics."""
+    c = client(url)
+    try:
+        job = c.job(job_id)
+        job["epochs"] = c.epochs(job_id)
+    except ApiError as exc:
+        raise fail(exc) from None
+    console.print_json(json.dumps(job))
+
+
+@jobs_app.command("log")
+def log_lines(job_id: str, url: UrlOption = None) -> None:
+    """Print a job's log."""
+    try:
+        for line in client(url).log(job_id):
+            console.print(
+                f"{line['at'][:19]} {line['level']:<7} {line['message']}",
+                markup=False,
+                highlight=False,
+            )
+    except ApiError as exc:
+        raise fail(exc) from None
+
+
+@jobs_app.command("cancel")
+def cancel(job_id: str, url: UrlOption = None) -> None:
+    """Cancel a queued or running job."""
+    try:
+        job = client(url).cancel(job_id)
+    except ApiError as exc:
+        raise fail(exc) from None
+    console.print(
+        f"{job_id}: {job['status']}" + (" (cancel requested)" if job["cancel_requested"] else "")
+    )
+
+
+@jobs_app.command("follow")
+def follow(job_id: str, url: UrlOption = None) -> None:
+    """Follow a job: a progress bar over its epochs, its log lines and its epoch metrics."""
+    try:
+        job = watch_job(client(url), job_id)
+    except ApiError as exc:
+        raise fail(exc) from None
+    if job["status"] != "SUCCEEDED":
+        raise typer.Exit(code=1)
+
+
+def watch_job(c: Client, job_id: str) -> dict[str, Any]:
+    """Show a job's progress until it ends; return it as it ended."""
+    job = c.job(job_id)
+    total = int(job["spec"]["hyperparameters"]["epochs"])
+    seen_log = 0
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} epochs"),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task(job_id, total=total)
+        for job in c.follow(job_id):
+            for line in c.log(job_id, after=seen_log):
+                seen_log = line["id"]
+                progress.console.print(f"  {line['message']}", markup=False, highlight=False)
+            progress.update(
+                task, completed=len(c.epochs(job_id)), description=f"{job_id} {job['status']}"
+            )
+    print_epochs(c.epochs(job_id))
+    if job["status"] == "SUCCEEDED":
+        metrics = (job.get("result") or {}).get("metrics", {})
+        console.print(
+            f"[green]SUCCEEDED[/green]: {job['model_name']} v{job['model_version']}, "
+            f"validation accuracy {metrics.get('val_accuracy', float('nan')):.4f}"
+        )
+    else:
+        console.print(f"[red]{job['status']}[/red]: {job.get('error') or ''}")
+    return job
+
+
+def print_epochs(epochs: list[dict[str, Any]]) -> None:
+    if not epochs:
+        return
+    keys = ["train_loss", "val_loss", "val_accuracy", "val_f1"]
+    table = Table("epoch", *keys)
+    for row in epochs:
+        table.add_row(
+            str(row["epoch"]), *(f"{row['metrics'].get(k, float('nan')):.4f}" for k in keys)
+        )
+    console.print(table)
+
+
+@datasets_app.command("upload")
+def upload(
+    path: Annotated[Path, typer.Argument(exists=True, dir_okay=False)],
+    name: Annotated[str | None, typer.Option(help="A name to show.")] = None,
+    url: UrlOption = None,
+) -> None:
+    """Upload a CSV, JSONL or Parquet file; prints its dataset id."""
+    try:
+        dataset = client(url).upload(path, name=name)
+    except ApiError as exc:
+        raise fail(exc) from None
+    console.print(f"{dataset['id']}  {dataset['rows']} rows  {dataset['name']}")
+
+
+@datasets_app.command("list")
+def list_datasets(url: UrlOption = None) -> None:
+    """List uploaded datasets."""
+    table = Table("id", "name", "format", "rows", "bytes")
+    for d in client(url).datasets():
+        table.add_row(d["id"], d["name"], d["format"], str(d["rows"]), str(d["size_bytes"]))
+    console.print(table)
+
+
+@models_app.command("list")
+def list_models(url: UrlOption = None) -> None:
+    """List models and their production versions."""
+    table = Table("model", "production", "created")
+    for m in client(url).models():
+        table.add_row(m["name"], str(m["production_version"] or "-"), m["created_at"][:19])
+    console.print(table)
+
+
+@models_app.command("show")
+def show_model(name: str, url: UrlOption = None) -> None:
+    """List a model's versions with their validation accuracy."""
+    try:
+        model = client(url).model(name)
+    except ApiError as exc:
+        raise fail(exc) from None
+    table = Table("version", "job", "val_accuracy", "parent", "production")
+    for v in model["versions"]:
+        table.add_row(
+            str(v["version"]),
+            v["job_id"] or "",
+            f"{v['metrics'].get('val_accuracy', float('nan')):.4f}",
+            str(v["parent_version"] or ""),
+            "yes" if v["version"] == model["production_version"] else "",
+        )
+    console.print(table)
+
+
+@models_app.command("promote")
+def promote(name: str, version: int, url: UrlOption = None) -> None:
+    """Make a version the one that answers predictions."""
+    try:
+        client(url).promote(name, version)
+    except ApiError as exc:
+        raise fail(exc) from None
+    console.print(f"{name}: v{version} is in production")
+
+
+@app.command()
+def predict(
+    name: str,
+    texts: Annotated[list[str], typer.Argument(help="Texts to classify.")],
+    url: UrlOption = None,
+) -> None:
+    """Classify texts with a model's production version."""
+    try:
+        answer = client(url).predict(name, texts)
+    except ApiError as exc:
+        raise fail(exc) from None
+    for text, prediction in zip(texts, answer["predictions"], strict=True):
+        best = prediction["probabilities"][prediction["label"]]
+        console.print(
+            f"{prediction['label']} ({best:.2f}) v{answer['version']}  {text}",
+            markup=False,
+            highlight=False,
+        )
+
+
+@app.command()
+def demo(
+    data: Annotated[Path, typer.Option(help="Folder with the sentiment files.")] = Path(
+        "tests/data/sentiment"
+    ),
+    keep_running: Annotated[bool, typer.Option(help="Leave the local stack up.")] = False,
+) -> None:
+    """Start the local stack and fine-tune MiniLM on product reviews through the REST API."""
+    from server.demo import run_demo
+
+    settings: Settings = get_settings()
+    configure_logging(settings)
+    run_demo(settings, data, console, keep_running=keep_running)
+
+
+def main() -> None:
+    # `ray start` turns token authentication on and keeps the token in ~/.ray. Ray reads the
+    # mode once, when it is imported, so it must be set before anything imports ray.
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    app()

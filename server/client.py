@@ -1,0 +1,105 @@
+"""A Python client for tuneloop's REST API; the CLI and the demo speak through it."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+FINISHED = {"SUCCEEDED", "FAILED", "CANCELLED"}
+
+
+class ApiError(Exception):
+    """The server refused a request; ``code`` and ``field`` come from its JSON error body."""
+
+    def __init__(self, status: int, code: str, message: str, field: str | None) -> None:
+        super().__init__(f"{status} {code}: {message}")
+        self.status = status
+        self.code = code
+        self.message = message
+        self.field = field
+
+
+class Client:
+    def __init__(self, base_url: str, *, token: str | None = None, timeout: float = 60.0) -> None:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.http = httpx.Client(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout)
+
+    def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+        response = self.http.request(method, path, **kwargs)
+        if response.status_code >= 400:
+            try:
+                error = response.json()["error"]
+            except (ValueError, KeyError, TypeError):
+                error = {"code": "http_error", "message": response.text[:500], "field": None}
+            raise ApiError(
+                response.status_code, error["code"], error["message"], error.get("field")
+            )
+        return response.json()
+
+    def health(self) -> dict[str, Any]:
+        return dict(self._call("GET", "/healthz"))
+
+    def submit(self, spec: dict[str, Any] | Path, *, idempotency_key: str | None = None) -> Any:
+        document = yaml.safe_load(spec.read_text()) if isinstance(spec, Path) else spec
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        return self._call("POST", "/v1/jobs", json=document, headers=headers)
+
+    def jobs(self, **filters: Any) -> list[dict[str, Any]]:
+        params = {k: v for k, v in filters.items() if v is not None}
+        return list(self._call("GET", "/v1/jobs", params=params)["jobs"])
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        return dict(self._call("GET", f"/v1/jobs/{job_id}"))
+
+    def cancel(self, job_id: str) -> dict[str, Any]:
+        return dict(self._call("POST", f"/v1/jobs/{job_id}/cancel"))
+
+    def log(self, job_id: str, after: int = 0) -> list[dict[str, Any]]:
+        return list(self._call("GET", f"/v1/jobs/{job_id}/log", params={"after": after})["lines"])
+
+    def epochs(self, job_id: str) -> list[dict[str, Any]]:
+        return list(self._call("GET", f"/v1/jobs/{job_id}/metrics")["epochs"])
+
+    def upload(self, path: Path, *, name: str | None = None) -> dict[str, Any]:
+        with path.open("rb") as handle:
+            files = {"file": (path.name, handle)}
+            data = {"name": name} if name else {}
+            return dict(self._call("POST", "/v1/datasets", files=files, data=data))
+
+    def datasets(self) -> list[dict[str, Any]]:
+        return list(self._call("GET", "/v1/datasets")["datasets"])
+
+    def models(self) -> list[dict[str, Any]]:
+        return list(self._call("GET", "/v1/models")["models"])
+
+    def model(self, name: str) -> dict[str, Any]:
+        return dict(self._call("GET", f"/v1/models/{name}"))
+
+    def promote(self, name: str, version: int) -> dict[str, Any]:
+        return dict(self._call("POST", f"/v1/models/{name}/promote", json={"version": version}))
+
+    def predict(self, name: str, texts: list[str]) -> dict[str, Any]:
+        return dict(self._call("POST", f"/v1/models/{name}/predict", json={"inputs": texts}))
+
+    def follow(self, job_id: str, interval: float = 1.0) -> Iterator[dict[str, Any]]:
+        """Yield the job each ``interval`` seconds until it finishes, then once more."""
+        while True:
+            job = self.job(job_id)
+            yield job
+            if job["status"] in FINISHED:
+                return
+            time.sleep(interval)
+
+    def wait(self, job_id: str, timeout: float = 3600, interval: float = 1.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        for job in self.follow(job_id, interval):
+            if job["status"] in FINISHED:
+                return job
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"job {job_id} still {job['status']} after {timeout:.0f}s")
+        raise AssertionError("follow always ends on a finished job")

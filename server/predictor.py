@@ -1,0 +1,141 @@
+"""The predictor: a Ray Serve deployment answering predictions with each model's production version.
+
+Requests are batched across callers. The production alias is re-read at most once a second, so
+a promotion takes effect within a second: requests already running finish on the old version,
+later ones load and use the new one, and none fails because of the swap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from typing import Any
+
+from ray import serve
+
+from jobs.errors import NotFound, TuneloopError
+from jobs.inference import Classifier
+from jobs.registry import Registry
+from jobs.settings import Settings
+from jobs.store import Store
+from monitoring.metrics import recorder
+
+log = logging.getLogger(__name__)
+
+ALIAS_TTL_SECONDS = 1.0
+LOADED_VERSIONS = 4
+
+
+class ModelCache:
+    """Loaded model versions, least recently used evicted first, and the production aliases."""
+
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+        self.loaded: OrderedDict[tuple[str, int], Classifier] = OrderedDict()
+        self.aliases: dict[str, tuple[int, float]] = {}
+
+    def production_version(self, name: str) -> int:
+        cached = self.aliases.get(name)
+        if cached is not None and time.monotonic() - cached[1] < ALIAS_TTL_SECONDS:
+            return cached[0]
+        version = self.registry.production(name)
+        if version is None:
+            raise NotFound(f"model {name!r} has no production version yet", field="name")
+        self.aliases[name] = (version.version, time.monotonic())
+        return version.version
+
+    def classifier(self, name: str, version: int) -> Classifier:
+        key = (name, version)
+        if key in self.loaded:
+            self.loaded.move_to_end(key)
+            return self.loaded[key]
+        started = time.perf_counter()
+        classifier = Classifier(self.registry.folder(self.registry.store.get_version(*key)))
+        log.info("model %s: loaded v%d in %.1fs", name, version, time.perf_counter() - started)
+        self.loaded[key] = classifier
+        while len(self.loaded) > LOADED_VERSIONS:
+            self.loaded.popitem(last=False)
+        return classifier
+
+    def predict(self, name: str, texts: list[str]) -> dict[str, Any]:
+        version = self.production_version(name)
+        classifier = self.classifier(name, version)
+        probabilities = classifier.probabilities(texts)
+        labels = classifier.label_names
+        return {
+            "model": name,
+            "version": version,
+            "predictions": [
+                {
+                    "label": labels[int(row.argmax())],
+                    "probabilities": {
+                        label: float(p) for label, p in zip(labels, row, strict=True)
+                    },
+                }
+                for row in probabilities
+            ],
+        }
+
+
+@serve.deployment(name="Predictor", max_ongoing_requests=64)
+class Predictor:
+    def __init__(self, settings: dict[str, Any]) -> None:
+        self.settings = Settings.model_validate(settings)
+        store = Store.open(self.settings.resolved_database_url(), upgrade=False)
+        self.models = ModelCache(Registry(self.settings, store))
+        self.metrics = recorder()
+        self.batched.set_max_batch_size(self.settings.predict_max_batch_size)
+        self.batched.set_batch_wait_timeout_s(self.settings.predict_batch_wait_seconds)
+
+    async def predict(self, name: str, texts: list[str]) -> dict[str, Any]:
+        started = time.perf_counter()
+        outcome = "error"
+        try:
+            answer = await self.batched((name, texts))
+            if isinstance(answer, TuneloopError):
+                raise answer
+            outcome = "ok"
+            return answer
+        finally:
+            labels = {"model": name, "outcome": outcome}
+            self.metrics.inc("tuneloop_predictions_total", labels, len(texts))
+            if outcome == "ok":
+                self.metrics.observe(
+                    "tuneloop_prediction_latency_seconds",
+                    {"model": name},
+                    time.perf_counter() - started,
+                )
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    async def batched(
+        self, requests: list[tuple[str, list[str]]]
+    ) -> list[dict[str, Any] | TuneloopError]:
+        """One forward pass per model for every request that arrived together."""
+        return await asyncio.to_thread(self._answer, requests)
+
+    def _answer(
+        self, requests: list[tuple[str, list[str]]]
+    ) -> list[dict[str, Any] | TuneloopError]:
+        answers: list[dict[str, Any] | TuneloopError] = [NotFound("unanswered")] * len(requests)
+        by_model: dict[str, list[int]] = {}
+        for index, (name, _) in enumerate(requests):
+            by_model.setdefault(name, []).append(index)
+        for name, indices in by_model.items():
+            texts = [text for i in indices for text in requests[i][1]]
+            try:
+                combined = self.models.predict(name, texts)
+            except TuneloopError as exc:
+                for i in indices:
+                    answers[i] = exc
+                continue
+            offset = 0
+            for i in indices:
+                count = len(requests[i][1])
+                answers[i] = {
+                    **combined,
+                    "predictions": combined["predictions"][offset : offset + count],
+                }
+                offset += count
+        return answers

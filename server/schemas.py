@@ -1,0 +1,145 @@
+"""What the REST API returns: the same words as the store, shaped for clients."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from jobs.store import Dataset, EpochMetric, Job, JobLog, Model, ModelVersion
+
+
+class Out(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+
+class JobOut(Out):
+    id: str
+    model_name: str
+    status: str
+    trigger: str
+    spec: dict[str, Any]
+    error: str | None
+    result: dict[str, Any] | None
+    model_version: int | None
+    parent_version: int | None
+    attempts: int
+    cancel_requested: bool
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+    @classmethod
+    def of(cls, job: Job) -> JobOut:
+        return cls.model_validate(job)
+
+
+class JobList(BaseModel):
+    jobs: list[JobOut]
+
+
+class LogLineOut(Out):
+    id: int
+    at: datetime
+    level: str
+    message: str
+
+
+class JobLogOut(BaseModel):
+    job_id: str
+    lines: list[LogLineOut]
+
+    @classmethod
+    def of(cls, job_id: str, lines: list[JobLog]) -> JobLogOut:
+        return cls(job_id=job_id, lines=[LogLineOut.model_validate(line) for line in lines])
+
+
+class EpochOut(Out):
+    epoch: int
+    metrics: dict[str, float]
+    at: datetime
+
+
+class JobMetricsOut(BaseModel):
+    job_id: str
+    epochs: list[EpochOut]
+
+    @classmethod
+    def of(cls, job_id: str, epochs: list[EpochMetric]) -> JobMetricsOut:
+        return cls(job_id=job_id, epochs=[EpochOut.model_validate(e) for e in epochs])
+
+
+class DatasetOut(Out):
+    id: str
+    name: str
+    format: str
+    sha256: str
+    size_bytes: int
+    rows: int
+    created_at: datetime
+
+    @classmethod
+    def of(cls, dataset: Dataset) -> DatasetOut:
+        return cls.model_validate(dataset)
+
+
+class DatasetList(BaseModel):
+    datasets: list[DatasetOut]
+
+
+class VersionOut(Out):
+    model_name: str
+    version: int
+    job_id: str | None
+    metrics: dict[str, Any]
+    dataset_hash: str
+    parent_version: int | None
+    created_at: datetime
+
+    @classmethod
+    def of(cls, version: ModelVersion) -> VersionOut:
+        return cls.model_validate(version)
+
+
+class ModelOut(Out):
+    name: str
+    production_version: int | None
+    created_at: datetime
+    versions: list[VersionOut] = []
+
+    @classmethod
+    def of(cls, model: Model, versions: list[ModelVersion] | None = None) -> ModelOut:
+        out = cls.model_validate(model)
+        out.versions = [VersionOut.of(v) for v in versions or []]
+        return out
+
+
+class ModelList(BaseModel):
+    models: list[ModelOut]
+
+
+class PromoteIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    version: int = Field(ge=1)
+
+
+class PredictIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    inputs: list[str] = Field(min_length=1, max_length=256, description="Texts to classify.")
+
+
+class PredictionOut(BaseModel):
+    label: str
+    probabilities: dict[str, float]
+
+
+class PredictOut(BaseModel):
+    model: str
+    version: int
+    predictions: list[PredictionOut]
+
+
+class Health(BaseModel):
+    status: str
+    database: str
