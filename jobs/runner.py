@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import threading
+import time
 import traceback
 from dataclasses import asdict
 from pathlib import Path
@@ -146,6 +147,9 @@ class JobProcess:
         )
         trainer, data, base_dir = build_trainer(job, spec, self.settings)
         result = trainer.fit()
+        if self.store.get_job(job.id).cancel_requested:
+            self.store.transition(job.id, JobStatus.CANCELLED)
+            return
         if result.error is not None:
             raise result.error
 
@@ -201,6 +205,7 @@ class Runner:
         self.processes: dict[str, tuple[Any, ray.ObjectRef]] = {}
         self._stop = threading.Event()
         self._waiting_logged: set[str] = set()
+        self._cancel_seen: dict[str, float] = {}
 
     def recover(self) -> None:
         """Adopt or requeue jobs the store says are running, after a restart of the runner."""
@@ -224,6 +229,7 @@ class Runner:
             if not ready:
                 continue
             del self.processes[job_id]
+            self._cancel_seen.pop(job_id, None)
             try:
                 ray.get(ref)
             except ray.exceptions.RayError as exc:
@@ -231,12 +237,27 @@ class Runner:
             ray.kill(actor, no_restart=True)
 
     def cancel_requested(self) -> None:
+        """Give a cancelled job's workers time to stop cleanly, then kill its process.
+
+        A clean stop lets Ray Train release the job's placement group at once; a killed
+        process leaves that to Ray's own clean-up, which can hold the resources for a while.
+        """
+        now = time.monotonic()
         for job_id, (actor, _) in list(self.processes.items()):
-            job = self.store.get_job(job_id)
-            if job.cancel_requested:
-                ray.kill(actor, no_restart=True)
-                del self.processes[job_id]
-                self.store.transition(job_id, JobStatus.CANCELLED)
+            if not self.store.get_job(job_id).cancel_requested:
+                continue
+            first_seen = self._cancel_seen.setdefault(job_id, now)
+            if now - first_seen < self.settings.cancel_grace_seconds:
+                continue
+            ray.kill(actor, no_restart=True)
+            del self.processes[job_id]
+            self.store.append_log(
+                job_id,
+                "WARNING",
+                "workers did not stop within "
+                f"{self.settings.cancel_grace_seconds:g}s; process killed",
+            )
+            self.store.transition(job_id, JobStatus.CANCELLED)
 
     def schedule(self) -> None:
         free_slots = self.settings.max_running_jobs - len(self.processes)
@@ -252,19 +273,38 @@ class Runner:
                 self._start(job.id)
 
     def _fits(self, job_id: str, spec: JobSpec) -> bool:
-        available = ray.available_resources()
-        need_cpu = spec.resources.workers * spec.resources.cpus_per_worker
-        need_gpu = spec.resources.workers * spec.resources.gpus_per_worker
-        fits = available.get("CPU", 0) >= need_cpu and available.get("GPU", 0) >= need_gpu
+        need = demand(spec)
+        free = ray.available_resources()
+        starting = self._starting_demand()
+        free_cpu = free.get("CPU", 0) - starting[0]
+        free_gpu = free.get("GPU", 0) - starting[1]
+        fits = free_cpu >= need[0] and free_gpu >= need[1]
         if not fits and job_id not in self._waiting_logged:
             self._waiting_logged.add(job_id)
             self.store.append_log(
                 job_id,
                 "INFO",
-                f"waiting for {need_cpu:g} CPU and {need_gpu:g} GPU; "
-                f"free now: {available.get('CPU', 0):g} CPU, {available.get('GPU', 0):g} GPU",
+                f"waiting for {need[0]:g} CPU and {need[1]:g} GPU; "
+                f"free now: {max(free_cpu, 0):g} CPU, {max(free_gpu, 0):g} GPU",
             )
         return fits
+
+    def _starting_demand(self) -> tuple[float, float]:
+        """Resources of started jobs whose workers are not up yet, so not yet taken from Ray.
+
+        A job's first worker heartbeat means its resources are reserved in the cluster.
+        """
+        cpu = gpu = 0.0
+        for job_id in self.processes:
+            job = self.store.get_job(job_id)
+            if (
+                job.heartbeat_at is None
+                or job.started_at is None
+                or (job.heartbeat_at <= job.started_at)
+            ):
+                job_cpu, job_gpu = demand(JobSpec.model_validate(job.spec))
+                cpu, gpu = cpu + job_cpu, gpu + job_gpu
+        return cpu, gpu
 
     def _start(self, job_id: str) -> None:
         actor = JobProcess.options(
@@ -304,6 +344,15 @@ class Runner:
 
     def stop(self) -> None:
         self._stop.set()
+
+
+def demand(spec: JobSpec) -> tuple[float, float]:
+    """CPUs and GPUs a job's workers take."""
+    resources = spec.resources
+    return (
+        resources.workers * resources.cpus_per_worker,
+        resources.workers * resources.gpus_per_worker,
+    )
 
 
 def first_line(exc: BaseException) -> str:

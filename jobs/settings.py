@@ -39,6 +39,9 @@ class Settings(BaseSettings):
     max_worker_failures: int = Field(
         default=2, ge=0, description="Worker-group restarts from a checkpoint before a job fails."
     )
+    cancel_grace_seconds: float = Field(
+        default=60, ge=0, description="Time a cancelled job's workers get to stop cleanly."
+    )
     runner_poll_seconds: float = Field(default=1.0, gt=0)
     max_upload_bytes: int = Field(default=100 * 1024 * 1024, ge=1)
     predictor_cpus: float = Field(

@@ -49,6 +49,9 @@ WEIGHTS_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
 EVAL_FILE = "eval.json"
 ENCODE_BATCH = 64
+# Workers look for a cancel request this often, and always between epochs. Stopping at a step
+# that every rank agrees on lets the trainer shut down cleanly and release its resources.
+CANCEL_CHECK_STEPS = 20
 
 
 @dataclass(frozen=True)
@@ -152,16 +155,30 @@ class Worker:
         context = ray.train.get_context()
         self.rank = context.get_world_rank()
         self.world_size = context.get_world_size()
-        self.store = Store(make_engine(job.database_url)) if self.rank == 0 else None
+        self.store = Store(make_engine(job.database_url))
+        self.cancelled = False
         self.frozen_encoder = self.spec.strategy.kind is StrategyKind.FEATURE_EXTRACTION
         self.loss_fn = nn.CrossEntropyLoss()
         self.rng = random.Random(self.hp.seed + self.rank)
 
     def log(self, message: str) -> None:
-        if self.store is not None:
+        if self.rank == 0:
             self.store.append_log(self.job.job_id, "INFO", message)
 
+    def cancel_requested(self) -> bool:
+        """Whether the job was cancelled, agreed by every rank so that all stop at one step."""
+        if not self.cancelled:
+            flag = torch.tensor([float(self.store.get_job(self.job.job_id).cancel_requested)])
+            if self.world_size > 1:
+                torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            self.cancelled = bool(flag.item())
+            if self.cancelled:
+                self.log("cancel requested: stopping training")
+        return self.cancelled
+
     def run(self) -> None:
+        if self.rank == 0:
+            self.store.heartbeat(self.job.job_id)  # tells the runner this job's workers are up
         threads = max(1, int(self.spec.resources.cpus_per_worker))
         torch.set_num_threads(threads)
         seed_everything(self.hp.seed)
@@ -255,6 +272,8 @@ class Worker:
             started = time.perf_counter()
             train_loss, samples = self.train_one_epoch(loader)
             elapsed = time.perf_counter() - started
+            if self.cancel_requested():
+                return
             evaluation = self.evaluate()
 
             score = evaluation[metric]
@@ -285,7 +304,9 @@ class Worker:
     def train_one_epoch(self, loader: DataLoader) -> tuple[float, int]:
         self.trained.train()
         total_loss, samples = 0.0, 0
-        for batch in loader:
+        for step, batch in enumerate(loader, start=1):
+            if step % CANCEL_CHECK_STEPS == 0 and self.cancel_requested():
+                break
             *inputs, labels = batch
             logits = self.trained(*inputs)
             loss = self.loss_fn(logits, labels)
@@ -324,10 +345,11 @@ class Worker:
         self, metrics: dict[str, Any], evaluation: dict[str, Any], progress: Progress, stop: bool
     ) -> None:
         epoch = metrics["epoch"]
-        if self.store is None:
+        if self.rank != 0:
             ray.train.report(metrics, checkpoint=None)
             return
         self.store.record_epoch(self.job.job_id, epoch, metrics)
+        self.store.heartbeat(self.job.job_id)
         shown = " ".join(
             f"{key}={metrics[key]:.4f}"
             for key in ("train_loss", "val_loss", "val_accuracy", "val_f1")
