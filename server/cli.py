@@ -41,7 +41,8 @@ def api_url(url: str | None) -> str:
 
 
 def client(url: str | None) -> Client:
-    return Client(api_url(url), token=os.environ.get("TUNELOOP_TOKEN"))
+    # One command makes few requests; with no keep-alive nothing needs closing afterwards.
+    return Client(api_url(url), token=os.environ.get("TUNELOOP_TOKEN"), keep_alive=False)
 
 
 def fail(exc: ApiError) -> typer.Exit:

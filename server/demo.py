@@ -107,5 +107,6 @@ def run_demo(settings: Settings, data_dir: Path, console: Console, *, keep_runni
             f"{score:.3f}[/bold] (reviews v{version})"
         )
     finally:
+        c.close()
         if not keep_running:
             local.down(settings)

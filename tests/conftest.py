@@ -5,14 +5,19 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import pandas as pd
 import pytest
 import sqlalchemy
 
 from jobs.settings import Settings
 from jobs.store import Store
+from server.client import Client
 from tests.factories import build_tiny_bert, write_sentiment_csv
 
 POSTGRES_URL = os.environ.get(
@@ -87,3 +92,95 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def amazon_csv(settings: Settings) -> Path:
     return write_sentiment_csv("amazon", settings.resolved_data_root() / "amazon.csv")
+
+
+@dataclass
+class Stack:
+    """The tuneloop application running on the session's Ray cluster."""
+
+    settings: Settings
+    client: Client
+    store: Store
+    url: str
+
+    def data_file(self, name: str, frame: pd.DataFrame) -> str:
+        """Write ``frame`` as a CSV under the data root and return its spec path."""
+        frame.to_csv(self.settings.resolved_data_root() / name, index=False)
+        return name
+
+    def wait_for(self, predicate: Callable[[], bool], timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate():
+                return
+            time.sleep(0.5)
+        raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[None]:
+    """One real local Ray cluster for the session. Four logical CPUs on two cores, so that the
+    predictor and two small jobs fit at once."""
+    import ray
+    from ray import serve
+
+    ray.init(
+        num_cpus=4,
+        namespace="tuneloop",
+        include_dashboard=False,
+        log_to_driver=False,
+        logging_level="WARNING",
+    )
+    yield
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def stack(ray_cluster: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    from ray import serve
+
+    from server.app import APP_NAME, build_app
+    from server.local import wait_healthy
+
+    settings = Settings(
+        home=tmp_path_factory.mktemp("stack-home"),
+        api_port=free_port(),
+        runner_poll_seconds=0.2,
+        max_running_jobs=2,
+        predictor_cpus=0.5,
+    )
+    settings.ensure_dirs()
+    serve.start(http_options={"host": "127.0.0.1", "port": settings.api_port})
+    serve.run(
+        build_app(settings.model_dump(mode="json")), name=APP_NAME, route_prefix="/", blocking=False
+    )
+    url = f"http://127.0.0.1:{settings.api_port}"
+    wait_healthy(url, timeout=180)
+    store = Store.open(settings.resolved_database_url())
+    with Client(url) as client:
+        yield Stack(settings, client, store, url)
+    store.engine.dispose()
+
+
+def tiny_spec(tiny_model_dir: Path, path: str, **overrides: Any) -> dict[str, Any]:
+    """A spec for the tiny model that trains in seconds."""
+    spec: dict[str, Any] = {
+        "model_name": "tiny",
+        "base_model": str(tiny_model_dir),
+        "data": {"path": path, "validation_split": 0.25},
+        "strategy": {"kind": "partial", "frozen_layers": 1},
+        "hyperparameters": {
+            "epochs": 2,
+            "batch_size": 32,
+            "max_length": 32,
+            "encoder_lr": 5e-4,
+            "head_lr": 5e-3,
+        },
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(spec.get(key), dict):
+            spec[key] = {**spec[key], **value}
+        else:
+            spec[key] = value
+    return spec
