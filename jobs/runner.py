@@ -23,7 +23,14 @@ import ray
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from jobs.data import DataCatalog, PreparedData
+from jobs.data import (
+    DataCatalog,
+    LabelledRows,
+    PreparedData,
+    detect_format,
+    labelled_rows,
+    read_table,
+)
 from jobs.errors import TuneloopError
 from jobs.model import resolve_base_model
 from jobs.registry import Registry
@@ -170,9 +177,8 @@ class JobProcess:
                 dataset_hash=data.sha256,
                 parent_version=job.parent_version,
             )
-        decision = registry.challenge(
-            version, spec.serving.promote, data.validation.texts, data.validation.labels
-        )
+        judge = challenge_rows(spec, data, DataCatalog(self.settings, self.store))
+        decision = registry.challenge(version, spec.serving.promote, judge.texts, judge.labels)
         self.store.append_log(
             job.id,
             "INFO",
@@ -190,6 +196,15 @@ class JobProcess:
                 "promotion": decision.to_dict(),
             },
         )
+
+
+def challenge_rows(spec: JobSpec, data: PreparedData, catalog: DataCatalog) -> LabelledRows:
+    """The labelled rows champion and challenger are compared on (see Serving)."""
+    if spec.serving.challenge_dataset is None:
+        return data.validation
+    path = catalog.locate(spec.serving.challenge_dataset, None, "serving.challenge_dataset")
+    frame = read_table(path, detect_format(path))
+    return labelled_rows(frame, spec.data, path.name)
 
 
 def json_file(path: Path) -> dict[str, Any]:

@@ -42,6 +42,7 @@ class Settings(BaseSettings):
     cancel_grace_seconds: float = Field(
         default=60, ge=0, description="Time a cancelled job's workers get to stop cleanly."
     )
+    monitor_poll_seconds: float = Field(default=5.0, gt=0, description="Monitor round period.")
     runner_poll_seconds: float = Field(default=1.0, gt=0)
     max_upload_bytes: int = Field(default=100 * 1024 * 1024, ge=1)
     predictor_cpus: float = Field(

@@ -120,9 +120,47 @@ class Resources(Strict):
 
 
 class Serving(Strict):
-    """When a trained version becomes the one that answers predictions."""
+    """When a trained version becomes the one that answers predictions.
+
+    Challenger and champion are compared on ``challenge_dataset`` when it is set (retraining
+    sets it to recent labelled traffic the challenger never trained on), else on the job's
+    validation rows.
+    """
 
     promote: Literal["if_better", "always", "never"] = "if_better"
+    challenge_dataset: str | None = None
+
+
+class RetrainPolicy(Strict):
+    """When the monitor starts a retraining job by itself."""
+
+    enabled: bool = True
+    min_window: int = Field(default=100, ge=30, description="Predictions a verdict needs.")
+    cooldown_seconds: float = Field(default=600, ge=0, description="Between two retrains.")
+    accuracy_drop: float = Field(
+        default=0.05, gt=0, lt=1, description="Labelled accuracy drop that triggers alone."
+    )
+    holdout_fraction: float = Field(
+        default=0.3,
+        gt=0,
+        lt=1,
+        description="Share of recent labelled rows kept out of training, to judge the result.",
+    )
+
+
+class Monitoring(Strict):
+    """How the served model's traffic is watched for drift."""
+
+    enabled: bool = True
+    window_size: int = Field(default=200, ge=30, le=5000, description="Recent predictions.")
+    window_seconds: float | None = Field(default=None, gt=0, description="Only newer ones.")
+    schedule_seconds: float = Field(default=60, ge=1, description="Time between checks.")
+    reference_size: int = Field(default=500, ge=30, le=5000, description="Training rows.")
+    alpha: float = Field(
+        default=0.02, gt=0, lt=0.5, description="Significance of the overall verdict."
+    )
+    sample_rate: float = Field(default=1.0, gt=0, le=1, description="Predictions logged.")
+    retrain: RetrainPolicy = RetrainPolicy()
 
 
 class JobSpec(Strict):
@@ -140,6 +178,7 @@ class JobSpec(Strict):
     hyperparameters: Hyperparameters = Hyperparameters()
     resources: Resources = Resources()
     serving: Serving = Serving()
+    monitoring: Monitoring = Monitoring()
 
     @field_validator("base_model")
     @classmethod

@@ -22,6 +22,7 @@ from sqlalchemy import (
     DateTime,
     Float,
     ForeignKey,
+    Index,
     Integer,
     String,
     Text,
@@ -163,6 +164,52 @@ class ModelVersion(Base):
     parent_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
     score: Mapped[float | None] = mapped_column(Float, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class Prediction(Base):
+    """One logged prediction: what a served model was asked and what it answered."""
+
+    __tablename__ = "predictions"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    model_name: Mapped[str] = mapped_column(String(64))
+    version: Mapped[int] = mapped_column(Integer)
+    text: Mapped[str] = mapped_column(Text)
+    label: Mapped[str] = mapped_column(String(255))
+    probabilities: Mapped[dict[str, float]] = mapped_column(JSON)
+    at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+    __table_args__ = (Index("ix_predictions_model_version_at", "model_name", "version", "at"),)
+
+
+class Feedback(Base):
+    """A ground-truth label: for a logged prediction, or for a new row (with its text)."""
+
+    __tablename__ = "feedback"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    model_name: Mapped[str] = mapped_column(String(64), index=True)
+    prediction_id: Mapped[str | None] = mapped_column(String(32), nullable=True, index=True)
+    text: Mapped[str | None] = mapped_column(Text, nullable=True)
+    label: Mapped[str] = mapped_column(String(255))
+    at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, index=True)
+
+
+class DriftReport(Base):
+    """One drift check of a served model: its verdict, scores, and where its report lies."""
+
+    __tablename__ = "drift_reports"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    model_name: Mapped[str] = mapped_column(String(64), index=True)
+    version: Mapped[int] = mapped_column(Integer)
+    drift_detected: Mapped[bool] = mapped_column(Boolean)
+    checks: Mapped[dict[str, Any]] = mapped_column(JSON)
+    reference_size: Mapped[int] = mapped_column(Integer)
+    current_size: Mapped[int] = mapped_column(Integer)
+    decision: Mapped[str | None] = mapped_column(Text, nullable=True)
+    retrain_job_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, index=True)
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -454,3 +501,112 @@ class Store:
             session.execute(
                 update(Model).where(Model.name == name).values(production_version=version)
             )
+
+    # -- traffic, feedback and drift -----------------------------------------------------------
+
+    def add_predictions(self, rows: list[Prediction]) -> None:
+        with self.session() as session:
+            session.add_all(rows)
+
+    def recent_predictions(
+        self, name: str, version: int, *, limit: int, since: datetime | None = None
+    ) -> list[Prediction]:
+        """The newest ``limit`` logged predictions of one version, oldest first."""
+        query = (
+            select(Prediction)
+            .where(Prediction.model_name == name, Prediction.version == version)
+            .order_by(Prediction.at.desc(), Prediction.id)
+            .limit(limit)
+        )
+        if since is not None:
+            query = query.where(Prediction.at >= since)
+        with self.session() as session:
+            return list(reversed(list(session.scalars(query))))
+
+    def add_feedback(self, rows: list[Feedback]) -> None:
+        with self.session() as session:
+            session.add_all(rows)
+
+    def labelled_feedback(
+        self, name: str, *, since: datetime | None = None
+    ) -> list[tuple[str, str, str | None]]:
+        """(text, label, prediction id) of every labelled row for a model, oldest first.
+
+        A label for a logged prediction takes its text from the prediction log; a label whose
+        prediction was never logged (sampled out, or dropped) is skipped.
+        """
+        query = (
+            select(Feedback, Prediction.text)
+            .outerjoin(Prediction, Prediction.id == Feedback.prediction_id)
+            .where(Feedback.model_name == name)
+            .order_by(Feedback.at, Feedback.id)
+        )
+        if since is not None:
+            query = query.where(Feedback.at >= since)
+        with self.session() as session:
+            rows = session.execute(query).all()
+        return [
+            (feedback.text or logged, feedback.label, feedback.prediction_id)
+            for feedback, logged in rows
+            if (feedback.text or logged) is not None
+        ]
+
+    def add_drift_report(self, report: DriftReport) -> DriftReport:
+        with self.session() as session:
+            session.add(report)
+        return report
+
+    def list_drift_reports(self, name: str, limit: int = 50) -> list[DriftReport]:
+        query = (
+            select(DriftReport)
+            .where(DriftReport.model_name == name)
+            .order_by(DriftReport.at.desc())
+            .limit(limit)
+        )
+        with self.session() as session:
+            return list(session.scalars(query))
+
+    def get_drift_report(self, report_id: str) -> DriftReport:
+        with self.session() as session:
+            report = session.get(DriftReport, report_id)
+            if report is None:
+                raise NotFound(f"no drift report {report_id!r}", field="report_id")
+            return report
+
+    def jobs_in_flight(self, name: str, trigger: str) -> list[Job]:
+        query = select(Job).where(
+            Job.model_name == name,
+            Job.trigger == trigger,
+            Job.status.in_([JobStatus.PENDING, JobStatus.RUNNING]),
+        )
+        with self.session() as session:
+            return list(session.scalars(query))
+
+    def last_job(self, name: str, trigger: str) -> Job | None:
+        query = (
+            select(Job)
+            .where(Job.model_name == name, Job.trigger == trigger)
+            .order_by(Job.created_at.desc())
+            .limit(1)
+        )
+        with self.session() as session:
+            return session.scalars(query).first()
+
+    def set_drift_decision(self, report_id: str, decision: str, job_id: str | None) -> None:
+        with self.session() as session:
+            session.execute(
+                update(DriftReport)
+                .where(DriftReport.id == report_id)
+                .values(decision=decision, retrain_job_id=job_id)
+            )
+
+    def promotion_decisions(self) -> list[tuple[str, bool]]:
+        """(model, promoted) for every succeeded job, from the decision in its result."""
+        query = select(Job.model_name, Job.result).where(Job.status == JobStatus.SUCCEEDED)
+        with self.session() as session:
+            rows = session.execute(query).all()
+        return [
+            (model, bool(result["promotion"]["promote"]))
+            for model, result in rows
+            if result and "promotion" in result
+        ]
