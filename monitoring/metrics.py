@@ -99,12 +99,6 @@ def define_event_metrics(registry: CollectorRegistry) -> dict[str, Any]:
             ["model"],
             registry=registry,
         ),
-        Counter(
-            "tuneloop_promotions_total",
-            "Champion/challenger decisions.",
-            ["model", "decision"],
-            registry=registry,
-        ),
     ]
     return {exposed_name(metric): metric for metric in metrics}
 
@@ -149,6 +143,19 @@ class JobsCollector(Collector):
             finished_total.add_metric([state, trigger], count)
         yield finished_total
         yield duration_histogram(durations)
+
+        promotions = CounterMetricFamily(
+            "tuneloop_promotions",
+            "Champion/challenger decisions of finished jobs.",
+            labels=["model", "decision"],
+        )
+        decisions: dict[tuple[str, str], int] = {}
+        for model, promoted in self.store.promotion_decisions():
+            key = (model, "promoted" if promoted else "kept")
+            decisions[key] = decisions.get(key, 0) + 1
+        for (model, decision), count in sorted(decisions.items()):
+            promotions.add_metric([model, decision], count)
+        yield promotions
 
         epochs = CounterMetricFamily("tuneloop_epochs", "Training epochs completed.")
         epochs.add_metric([], self.store.count_epochs())

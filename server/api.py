@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Body, FastAPI, File, Form, Header, Query, Request, UploadFile
 from fastapi.responses import Response
@@ -14,12 +14,16 @@ from jobs.data import DataCatalog
 from jobs.errors import TooLarge
 from jobs.settings import Settings
 from jobs.spec import JobSpec, parse_spec
-from jobs.store import JobStatus, Store
+from jobs.store import Feedback, JobStatus, Store
 from jobs.submission import submit_job
 from server.errors import install_error_handlers
 from server.schemas import (
     DatasetList,
     DatasetOut,
+    DriftReportList,
+    DriftReportOut,
+    FeedbackIn,
+    FeedbackOut,
     Health,
     JobList,
     JobLogOut,
@@ -181,6 +185,49 @@ async def promote_model(request: Request, name: str, body: PromoteIn) -> ModelOu
     return ModelOut.of(
         await run_blocking(store.get_model, name), await run_blocking(store.list_versions, name)
     )
+
+
+@router.post(
+    "/models/{name}/feedback", status_code=202, response_model=FeedbackOut, tags=["monitoring"]
+)
+async def feedback(request: Request, name: str, body: FeedbackIn) -> FeedbackOut:
+    store = services(request).store
+    await run_blocking(store.get_model, name)
+    rows = [
+        Feedback(model_name=name, prediction_id=item.prediction_id, label=item.label)
+        for item in body.labels
+    ]
+    rows += [Feedback(model_name=name, text=item.text, label=item.label) for item in body.rows]
+    await run_blocking(store.add_feedback, rows)
+    return FeedbackOut(model=name, accepted=len(rows))
+
+
+@router.get("/models/{name}/drift", response_model=DriftReportList, tags=["monitoring"])
+async def drift_reports(
+    request: Request, name: str, limit: Annotated[int, Query(ge=1, le=1000)] = 50
+) -> DriftReportList:
+    store = services(request).store
+    await run_blocking(store.get_model, name)
+    reports = await run_blocking(store.list_drift_reports, name, limit)
+    return DriftReportList(reports=[DriftReportOut.model_validate(r) for r in reports])
+
+
+@router.get("/drift/{report_id}", response_model=DriftReportOut, tags=["monitoring"])
+async def drift_report(request: Request, report_id: str) -> DriftReportOut:
+    report = await run_blocking(services(request).store.get_drift_report, report_id)
+    return DriftReportOut.model_validate(report)
+
+
+@router.get("/drift/{report_id}/report", tags=["monitoring"], response_class=Response)
+async def drift_report_document(
+    request: Request, report_id: str, format: Literal["html", "json"] = "html"
+) -> Response:
+    """The Evidently report of a drift check: HTML for a browser, or its JSON."""
+    s = services(request)
+    report = await run_blocking(s.store.get_drift_report, report_id)
+    path = s.settings.resolved_artifact_root() / "reports" / f"{report.id}.{format}"
+    media = "text/html" if format == "html" else "application/json"
+    return Response(await run_blocking(path.read_bytes), media_type=media)
 
 
 @router.post("/models/{name}/predict", response_model=PredictOut, tags=["models"])

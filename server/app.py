@@ -1,4 +1,5 @@
-"""The tuneloop Serve application: the REST ingress, the predictor, the runner and the hub.
+"""The tuneloop Serve application: the REST ingress, the predictor, the runner, the monitor and
+the metrics hub.
 
 ``build_app`` is what ``tuneloop up`` runs locally and what a KubeRay RayService names in its
 Serve config (``import_path: server.app:build_app``).
@@ -19,6 +20,7 @@ from jobs.runner import ensure_runner
 from jobs.settings import Settings
 from jobs.store import Store
 from monitoring.metrics import JobsCollector, ensure_hub
+from monitoring.monitor import ensure_monitor
 from server.api import Services, build_api, set_services
 from server.predictor import Predictor
 
@@ -51,6 +53,7 @@ class ApiIngress:
         store = Store.open(parsed.resolved_database_url())
         ensure_hub()
         ensure_runner(parsed)
+        ensure_monitor(parsed)
         set_services(Services(parsed, store, predictor, metrics_exposition(store)))
         log.info("API ready; database %s", store.engine.url.render_as_string(hide_password=True))
 

@@ -106,6 +106,19 @@ class Client:
     def predict(self, name: str, texts: list[str]) -> dict[str, Any]:
         return dict(self._call("POST", f"/v1/models/{name}/predict", json={"inputs": texts}))
 
+    def feedback(
+        self,
+        name: str,
+        *,
+        labels: list[dict[str, str]] | None = None,
+        rows: list[dict[str, str]] | None = None,
+    ) -> dict[str, Any]:
+        body = {"labels": labels or [], "rows": rows or []}
+        return dict(self._call("POST", f"/v1/models/{name}/feedback", json=body))
+
+    def drift_reports(self, name: str) -> list[dict[str, Any]]:
+        return list(self._call("GET", f"/v1/models/{name}/drift")["reports"])
+
     def follow(self, job_id: str, interval: float = 1.0) -> Iterator[dict[str, Any]]:
         """Yield the job each ``interval`` seconds until it finishes, then once more."""
         while True:

@@ -1,8 +1,10 @@
 """The predictor: a Ray Serve deployment answering predictions with each model's production version.
 
-Requests are batched across callers. The production alias is re-read at most once a second, so
-a promotion takes effect within a second: requests already running finish on the old version,
-later ones load and use the new one, and none fails because of the swap.
+Requests are batched across callers, and every answer is logged for the drift monitor (see
+monitoring/prediction_log.py) without waiting for the log. The production alias is re-read at
+most once a second, so a promotion takes effect within a second: requests already running
+finish on the old version, later ones load and use the new one, and none fails because of the
+swap.
 """
 
 from __future__ import annotations
@@ -19,8 +21,10 @@ from jobs.errors import NotFound, TuneloopError
 from jobs.inference import Classifier
 from jobs.registry import Registry
 from jobs.settings import Settings
-from jobs.store import Store
+from jobs.spec import JobSpec
+from jobs.store import Store, new_id
 from monitoring.metrics import recorder
+from monitoring.prediction_log import PredictionLog
 
 log = logging.getLogger(__name__)
 
@@ -31,9 +35,11 @@ LOADED_VERSIONS = 4
 class ModelCache:
     """Loaded model versions, least recently used evicted first, and the production aliases."""
 
-    def __init__(self, registry: Registry) -> None:
+    def __init__(self, registry: Registry, prediction_log: PredictionLog) -> None:
         self.registry = registry
+        self.prediction_log = prediction_log
         self.loaded: OrderedDict[tuple[str, int], Classifier] = OrderedDict()
+        self.sample_rates: dict[tuple[str, int], float] = {}
         self.aliases: dict[str, tuple[int, float]] = {}
 
     def production_version(self, name: str) -> int:
@@ -52,7 +58,9 @@ class ModelCache:
             self.loaded.move_to_end(key)
             return self.loaded[key]
         started = time.perf_counter()
-        classifier = Classifier(self.registry.folder(self.registry.store.get_version(*key)))
+        version_row = self.registry.store.get_version(*key)
+        classifier = Classifier(self.registry.folder(version_row))
+        self.sample_rates[key] = JobSpec.model_validate(version_row.spec).monitoring.sample_rate
         log.info("model %s: loaded v%d in %.1fs", name, version, time.perf_counter() - started)
         self.loaded[key] = classifier
         while len(self.loaded) > LOADED_VERSIONS:
@@ -64,19 +72,24 @@ class ModelCache:
         classifier = self.classifier(name, version)
         probabilities = classifier.probabilities(texts)
         labels = classifier.label_names
-        return {
-            "model": name,
-            "version": version,
-            "predictions": [
-                {
-                    "label": labels[int(row.argmax())],
-                    "probabilities": {
-                        label: float(p) for label, p in zip(labels, row, strict=True)
-                    },
-                }
-                for row in probabilities
+        predictions = [
+            {
+                "id": new_id("pred"),
+                "label": labels[int(row.argmax())],
+                "probabilities": {label: float(p) for label, p in zip(labels, row, strict=True)},
+            }
+            for row in probabilities
+        ]
+        self.prediction_log.record(
+            name,
+            version,
+            [
+                (p["id"], text, p["label"], p["probabilities"])
+                for p, text in zip(predictions, texts, strict=True)
             ],
-        }
+            self.sample_rates.get((name, version), 1.0),
+        )
+        return {"model": name, "version": version, "predictions": predictions}
 
 
 @serve.deployment(name="Predictor", max_ongoing_requests=64)
@@ -84,8 +97,8 @@ class Predictor:
     def __init__(self, settings: dict[str, Any]) -> None:
         self.settings = Settings.model_validate(settings)
         store = Store.open(self.settings.resolved_database_url(), upgrade=False)
-        self.models = ModelCache(Registry(self.settings, store))
         self.metrics = recorder()
+        self.models = ModelCache(Registry(self.settings, store), PredictionLog(store, self.metrics))
         self.batched.set_max_batch_size(self.settings.predict_max_batch_size)
         self.batched.set_batch_wait_timeout_s(self.settings.predict_batch_wait_seconds)
 

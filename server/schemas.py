@@ -130,6 +130,7 @@ class PredictIn(BaseModel):
 
 
 class PredictionOut(BaseModel):
+    id: str = Field(description="Quote it to send the true label as feedback.")
     label: str
     probabilities: dict[str, float]
 
@@ -138,6 +139,48 @@ class PredictOut(BaseModel):
     model: str
     version: int
     predictions: list[PredictionOut]
+
+
+class FeedbackLabel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    prediction_id: str = Field(max_length=32)
+    label: str = Field(min_length=1, max_length=255)
+
+
+class FeedbackRow(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    text: str = Field(min_length=1, max_length=100_000)
+    label: str = Field(min_length=1, max_length=255)
+
+
+class FeedbackIn(BaseModel):
+    """True labels for logged predictions, or new labelled rows."""
+
+    model_config = ConfigDict(extra="forbid")
+    labels: list[FeedbackLabel] = Field(default=[], max_length=10_000)
+    rows: list[FeedbackRow] = Field(default=[], max_length=10_000)
+
+
+class FeedbackOut(BaseModel):
+    model: str
+    accepted: int
+
+
+class DriftReportOut(Out):
+    id: str
+    model_name: str
+    version: int
+    drift_detected: bool
+    checks: dict[str, Any]
+    reference_size: int
+    current_size: int
+    decision: str | None
+    retrain_job_id: str | None
+    at: datetime
+
+
+class DriftReportList(BaseModel):
+    reports: list[DriftReportOut]
 
 
 class Health(BaseModel):

@@ -117,10 +117,13 @@ class Stack:
         raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
+RAY_METRICS_PORT = free_port()
+
+
 @pytest.fixture(scope="session")
 def ray_cluster() -> Iterator[None]:
     """One real local Ray cluster for the session. Four logical CPUs on two cores, so that the
-    predictor and two small jobs fit at once."""
+    predictor and two small jobs fit at once; Ray's metrics on a known port for Prometheus."""
     import ray
     from ray import serve
 
@@ -130,6 +133,7 @@ def ray_cluster() -> Iterator[None]:
         include_dashboard=False,
         log_to_driver=False,
         logging_level="WARNING",
+        _metrics_export_port=RAY_METRICS_PORT,
     )
     yield
     serve.shutdown()
