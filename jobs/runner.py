@@ -34,6 +34,7 @@ from jobs.data import (
 from jobs.errors import TuneloopError
 from jobs.model import resolve_base_model
 from jobs.registry import Registry
+from jobs.search import run_search
 from jobs.settings import Settings
 from jobs.spec import JobSpec, StrategyKind
 from jobs.store import Job, JobStatus, Store
@@ -152,6 +153,9 @@ class JobProcess:
             f"{spec.resources.workers} worker(s), strategy "
             f"{spec.strategy.kind.value}",
         )
+        if spec.search is not None:
+            self._run_search(job, spec)
+            return
         trainer, data, base_dir = build_trainer(job, spec, self.settings)
         result = trainer.fit()
         if self.store.get_job(job.id).cancel_requested:
@@ -164,19 +168,46 @@ class JobProcess:
         best = result.get_best_checkpoint(metric, mode) or result.checkpoint
         if best is None:
             raise RuntimeError("training finished without a checkpoint")
-        registry = Registry(self.settings, self.store)
         with best.as_directory() as folder:
-            evaluation = json_file(Path(folder) / EVAL_FILE)
-            version = registry.register(
-                job_id=job.id,
-                spec=spec,
-                base_dir=base_dir,
-                weights=Path(folder) / WEIGHTS_FILE,
-                label_names=data.label_names,
-                metrics=evaluation,
-                dataset_hash=data.sha256,
-                parent_version=job.parent_version,
-            )
+            self._publish(job, spec, Path(folder), data, base_dir)
+
+    def _run_search(self, job: Job, spec: JobSpec) -> None:
+        outcome = run_search(job, spec, self.settings, self.store)
+        if outcome is None:
+            self.store.transition(job.id, JobStatus.CANCELLED)
+            return
+        self._publish(
+            job,
+            outcome.spec,
+            outcome.checkpoint,
+            outcome.data,
+            outcome.base_dir,
+            extra={"search": outcome.summary},
+        )
+
+    def _publish(
+        self,
+        job: Job,
+        spec: JobSpec,
+        folder: Path,
+        data: PreparedData,
+        base_dir: Path,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        """Register a checkpoint as a version, let the champion/challenger rule decide on its
+        promotion, and record the job as succeeded."""
+        registry = Registry(self.settings, self.store)
+        evaluation = json_file(folder / EVAL_FILE)
+        version = registry.register(
+            job_id=job.id,
+            spec=spec,
+            base_dir=base_dir,
+            weights=folder / WEIGHTS_FILE,
+            label_names=data.label_names,
+            metrics=evaluation,
+            dataset_hash=data.sha256,
+            parent_version=job.parent_version,
+        )
         judge = challenge_rows(spec, data, DataCatalog(self.settings, self.store))
         decision = registry.challenge(version, spec.serving.promote, judge.texts, judge.labels)
         self.store.append_log(
@@ -194,6 +225,7 @@ class JobProcess:
                 "metrics": evaluation,
                 "best_epoch": evaluation.get("epoch"),
                 "promotion": decision.to_dict(),
+                **(extra or {}),
             },
         )
 
@@ -322,10 +354,14 @@ class Runner:
         return cpu, gpu
 
     def _start(self, job_id: str) -> None:
+        # Ray Train workers hand each report to a one-slot queue that the trainer's controller
+        # empties when it polls, every 2 s by default: an epoch shorter than that would wait.
+        poll = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": str(self.settings.train_poll_seconds)}
         actor = JobProcess.options(
             name=job_process_name(job_id),
             namespace=NAMESPACE,
             lifetime="detached",
+            runtime_env={"env_vars": poll},
         ).remote(job_id, self.settings.model_dump(mode="json"))
         self.processes[job_id] = (actor, actor.wait.remote())
 

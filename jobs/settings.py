@@ -36,6 +36,10 @@ class Settings(BaseSettings):
     api_host: str = "127.0.0.1"
     api_port: int = 8000
     max_running_jobs: int = Field(default=2, ge=1, description="Jobs the runner runs at once.")
+    max_trials: int = Field(default=64, ge=1, description="Most trials one search may ask for.")
+    max_concurrent_trials: int = Field(
+        default=4, ge=1, description="Most trials one search may run at once."
+    )
     max_worker_failures: int = Field(
         default=2, ge=0, description="Worker-group restarts from a checkpoint before a job fails."
     )
@@ -43,6 +47,9 @@ class Settings(BaseSettings):
         default=60, ge=0, description="Time a cancelled job's workers get to stop cleanly."
     )
     monitor_poll_seconds: float = Field(default=5.0, gt=0, description="Monitor round period.")
+    train_poll_seconds: float = Field(
+        default=0.2, gt=0, description="How often a trainer's controller collects reports."
+    )
     runner_poll_seconds: float = Field(default=1.0, gt=0)
     max_upload_bytes: int = Field(default=100 * 1024 * 1024, ge=1)
     predictor_cpus: float = Field(
