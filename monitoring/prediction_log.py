@@ -29,6 +29,7 @@ class PredictionLog:
         self.flush_seconds = flush_seconds
         self.rows: queue.Queue[Prediction] = queue.Queue(maxsize=capacity)
         self._random = random.Random()
+        self._models_seen: set[str] = set()
         self._thread = threading.Thread(target=self._write_forever, daemon=True)
         self._thread.start()
 
@@ -40,6 +41,10 @@ class PredictionLog:
         sample_rate: float,
     ) -> None:
         """Queue (prediction id, text, label, probabilities) rows, keeping ``sample_rate``."""
+        if model not in self._models_seen:
+            # The series exists at 0 from the first prediction, so increase() sees a first drop.
+            self._models_seen.add(model)
+            self.metrics.inc("tuneloop_prediction_log_dropped_total", {"model": model}, 0)
         now = utcnow()
         dropped = 0
         for prediction_id, text, label, probabilities in answers:
