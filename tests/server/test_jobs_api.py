@@ -6,6 +6,7 @@ import os
 import shutil
 import signal
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -198,22 +199,43 @@ def test_jobs_wait_in_the_queue_while_the_cluster_is_full(
     assert stack.client.wait(second["id"], timeout=240)["status"] == "SUCCEEDED"
 
 
+def train_worker_pids() -> list[int]:
+    """Ray Train worker processes under this session's raylet (other clusters may run here)."""
+    import ray
+
+    raylet = ray._private.worker._global_node.all_processes["raylet"][0].process.pid
+    parents: dict[int, int] = {}
+    workers = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+            if b"RayTrainWorker" in (entry / "cmdline").read_bytes():
+                workers.append(int(entry.name))
+        except (OSError, IndexError, ValueError):
+            continue
+
+    def under_raylet(pid: int) -> bool:
+        while pid > 1:
+            if pid == raylet:
+                return True
+            pid = parents.get(pid, 0)
+        return False
+
+    return [pid for pid in workers if under_raylet(pid)]
+
+
 def test_killed_worker_resumes_from_the_last_checkpoint(
     stack: Stack, tiny_model_dir: Path, reviews: str
 ) -> None:
-    from ray.util.state import list_actors
-
     spec = tiny_spec(tiny_model_dir, reviews, model_name="resumed", hyperparameters={"epochs": 40})
     job = stack.client.submit(spec)
     stack.wait_for(lambda: len(stack.client.epochs(job["id"])) >= 2, 120, "two epochs")
-    workers = [
-        a
-        for a in list_actors(
-            filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]
-        )
-    ]
+    workers = train_worker_pids()
     assert len(workers) == 1
-    os.kill(workers[0].pid, signal.SIGKILL)
+    os.kill(workers[0], signal.SIGKILL)
 
     done = stack.client.wait(job["id"], timeout=300)
     assert done["status"] == "SUCCEEDED", done["error"]
@@ -289,3 +311,26 @@ def test_unknown_job_and_model_are_404(stack: Stack) -> None:
         with pytest.raises(ApiError) as caught:
             call()
         assert caught.value.status == 404
+
+
+def test_concurrent_submissions_with_one_idempotency_key_make_one_job(
+    stack: Stack, tiny_model_dir: Path, reviews: str
+) -> None:
+    spec = tiny_spec(tiny_model_dir, reviews, model_name="idempotent")
+    headers = {"Idempotency-Key": "submit-once-7"}
+
+    def submit() -> httpx.Response:
+        with httpx.Client(base_url=stack.url, timeout=60) as http:
+            return http.post("/v1/jobs", json=spec, headers=headers)
+
+    with ThreadPoolExecutor(max_workers=10) as pool:
+        responses = list(pool.map(lambda _: submit(), range(10)))
+    assert {r.status_code for r in responses} == {201}
+    assert len({r.json()["id"] for r in responses}) == 1
+
+    other = {**spec, "hyperparameters": {**spec["hyperparameters"], "epochs": 3}}
+    with httpx.Client(base_url=stack.url, timeout=60) as http:
+        refused = http.post("/v1/jobs", json=other, headers=headers)
+    assert refused.status_code == 409
+    assert refused.json()["error"]["field"] == "Idempotency-Key"
+    stack.client.cancel(responses[0].json()["id"])
