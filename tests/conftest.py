@@ -128,6 +128,7 @@ def ray_cluster() -> Iterator[None]:
     from ray import serve
 
     ray.init(
+        address="local",  # always a new cluster, never one that happens to run here already
         num_cpus=4,
         namespace="tuneloop",
         include_dashboard=False,
