@@ -13,7 +13,15 @@ from enum import StrEnum
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from jobs.errors import SpecInvalid
 
@@ -119,6 +127,130 @@ class Resources(Strict):
     gpus_per_worker: float = Field(default=0.0, ge=0, le=8)
 
 
+SEARCHABLE = frozenset(
+    {
+        "hyperparameters.encoder_lr",
+        "hyperparameters.head_lr",
+        "hyperparameters.batch_size",
+        "hyperparameters.epochs",
+        "hyperparameters.weight_decay",
+        "hyperparameters.warmup_ratio",
+        "hyperparameters.dropout",
+        "hyperparameters.augmentation",
+        "strategy.kind",
+        "strategy.frozen_layers",
+    }
+)
+DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
+
+
+class Distribution(Strict):
+    """The values one searched hyperparameter takes; give exactly one field.
+
+    ``choice`` draws from a list and ``grid`` tries every value of one; ``uniform`` and
+    ``loguniform`` draw a number between two bounds, ``randint`` an integer with both bounds
+    included. For ``hyperparameters.augmentation`` a value of true means word dropout with its
+    defaults, false means none.
+    """
+
+    choice: list[Any] | None = Field(default=None, min_length=1, max_length=64)
+    grid: list[Any] | None = Field(default=None, min_length=1, max_length=64)
+    uniform: tuple[float, float] | None = None
+    loguniform: tuple[float, float] | None = None
+    randint: tuple[int, int] | None = None
+
+    @model_validator(mode="after")
+    def _one_kind_with_rising_bounds(self) -> Distribution:
+        given = [kind for kind in DISTRIBUTIONS if getattr(self, kind) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                f"give exactly one of {', '.join(DISTRIBUTIONS)}; got {', '.join(given) or 'none'}"
+            )
+        bounds = self.uniform or self.loguniform or self.randint
+        if bounds is not None and bounds[0] >= bounds[1]:
+            raise ValueError(f"bounds {list(bounds)} must rise: give [low, high] with low < high")
+        if self.loguniform is not None and self.loguniform[0] <= 0:
+            raise ValueError(f"loguniform bounds {list(self.loguniform)} must be above 0")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(kind for kind in DISTRIBUTIONS if getattr(self, kind) is not None)
+
+
+class Search(Strict):
+    """Hyperparameter search: ``trials`` runs of the job, each with values drawn from ``space``.
+
+    Every trial trains with the job's resources; ``scheduler`` ``asha`` stops the weak ones
+    early. The trial best by ``metric`` becomes the job's model version, promoted by the same
+    rule as any other (see Serving). ``trials`` is required, so a search is always bounded.
+    """
+
+    space: dict[str, Distribution] = Field(
+        min_length=1, description="Spec paths to search, e.g. 'hyperparameters.head_lr'."
+    )
+    searcher: Literal["random", "optuna"] = "random"
+    trials: int = Field(ge=1, description="Trials in all, grid points included.")
+    max_concurrent: int = Field(default=1, ge=1, description="Trials running at once.")
+    time_limit_seconds: float | None = Field(
+        default=None, gt=0, description="Stop every trial after this long; the best so far wins."
+    )
+    scheduler: Literal["asha", "none"] = "asha"
+    grace_epochs: int = Field(default=1, ge=1, description="Epochs before ASHA may stop a trial.")
+    reduction_factor: int = Field(
+        default=3, ge=2, description="ASHA lets about 1 in this many trials on at each rung."
+    )
+    metric: Literal["val_accuracy", "val_f1", "val_loss"] | None = Field(
+        default=None, description="The early-stopping metric when unset, else val_accuracy."
+    )
+    seed: int | None = Field(default=None, description="Seeds the searcher; the job's by default.")
+
+    @field_validator("space")
+    @classmethod
+    def _searchable_paths(cls, space: dict[str, Distribution]) -> dict[str, Distribution]:
+        for path in space:
+            if path not in SEARCHABLE:
+                raise ValueError(
+                    f"{path!r} cannot be searched; give any of {', '.join(sorted(SEARCHABLE))}"
+                )
+        return space
+
+    @field_validator("searcher")
+    @classmethod
+    def _grid_needs_the_random_searcher(cls, searcher: str, info: ValidationInfo) -> str:
+        grid = [path for path, d in info.data.get("space", {}).items() if d.grid is not None]
+        if searcher == "optuna" and grid:
+            raise ValueError(
+                f"optuna draws every value itself and cannot walk the grid of {', '.join(grid)}; "
+                "use choice there, or searcher 'random'"
+            )
+        return searcher
+
+    @field_validator("trials")
+    @classmethod
+    def _trials_cover_the_grid_evenly(cls, trials: int, info: ValidationInfo) -> int:
+        points = grid_points(info.data.get("space", {}))
+        if trials % points:
+            raise ValueError(
+                f"{trials} trials do not cover the grid's {points} points evenly; "
+                f"give a multiple of {points}"
+            )
+        return trials
+
+    @property
+    def grid_points(self) -> int:
+        return grid_points(self.space)
+
+
+def grid_points(space: dict[str, Distribution]) -> int:
+    """How many value combinations the ``grid`` dimensions of a space make."""
+    points = 1
+    for distribution in space.values():
+        if distribution.grid is not None:
+            points *= len(distribution.grid)
+    return points
+
+
 class Serving(Strict):
     """When a trained version becomes the one that answers predictions.
 
@@ -179,6 +311,7 @@ class JobSpec(Strict):
     resources: Resources = Resources()
     serving: Serving = Serving()
     monitoring: Monitoring = Monitoring()
+    search: Search | None = None
 
     @field_validator("base_model")
     @classmethod

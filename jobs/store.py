@@ -28,6 +28,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     create_engine,
+    delete,
     event,
     func,
     select,
@@ -139,6 +140,47 @@ class EpochMetric(Base):
     epoch: Mapped[int] = mapped_column(Integer)
     metrics: Mapped[dict[str, float]] = mapped_column(JSON)
     at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class TrialState(StrEnum):
+    RUNNING = "RUNNING"
+    SUCCEEDED = "SUCCEEDED"
+    STOPPED = "STOPPED"
+    FAILED = "FAILED"
+
+
+class Trial(Base):
+    """One trial of a search job: the values it tried, how it went and its best epoch.
+
+    SUCCEEDED means it trained to its end (its own early stopping included); STOPPED means the
+    scheduler, the time limit or a cancel ended it first.
+    """
+
+    __tablename__ = "trials"
+    __table_args__ = (UniqueConstraint("job_id", "trial_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    trial_id: Mapped[str] = mapped_column(String(64))
+    config: Mapped[dict[str, Any]] = mapped_column(JSON)
+    state: Mapped[str] = mapped_column(String(16))
+    curve: Mapped[list[dict[str, float]]] = mapped_column(JSON, doc="Metrics of each epoch.")
+    best_metric: Mapped[float | None] = mapped_column(Float, nullable=True)
+    best_epoch: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    checkpoint: Mapped[str | None] = mapped_column(
+        String(1024), nullable=True, doc="The best epoch's checkpoint folder."
+    )
+    is_best: Mapped[bool] = mapped_column(Boolean, default=False)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    started_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+
+
+def improves(score: float, best: float | None, mode: str) -> bool:
+    """Whether ``score`` beats ``best`` in ``mode`` ("min" or "max"); a tie does not."""
+    if best is None:
+        return True
+    return score < best if mode == "min" else score > best
 
 
 class Model(Base):
@@ -429,6 +471,106 @@ class Store:
     def count_epochs(self) -> int:
         with self.session() as session:
             return session.scalar(select(func.count()).select_from(EpochMetric)) or 0
+
+    # -- search trials -------------------------------------------------------------------------
+
+    def start_trial(self, job_id: str, trial_id: str, config: dict[str, Any]) -> None:
+        """Record a trial as running; one restarted by a resumed search keeps its curve."""
+        with self.session() as session:
+            trial = self._trial(session, job_id, trial_id)
+            if trial is None:
+                session.add(
+                    Trial(
+                        job_id=job_id,
+                        trial_id=trial_id,
+                        config=config,
+                        state=TrialState.RUNNING,
+                        curve=[],
+                        is_best=False,
+                    )
+                )
+            else:
+                trial.state, trial.finished_at, trial.error = TrialState.RUNNING, None, None
+
+    def record_trial_epoch(
+        self,
+        job_id: str,
+        trial_id: str,
+        metrics: dict[str, float],
+        *,
+        metric: str,
+        mode: str,
+        checkpoint: str | None,
+    ) -> None:
+        """Add an epoch to a trial's curve, keeping its best epoch and the search's best trial.
+
+        A repeated epoch (a trial resumed from a checkpoint) overwrites the earlier one. Of a
+        trial's epochs that tie for best the latest counts, as it is the checkpoint Ray Train
+        keeps; between trials a tie keeps the trial that got there first.
+        """
+        epoch = int(metrics["epoch"])
+        with self.session() as session:
+            trial = self._trial(session, job_id, trial_id)
+            if trial is None:
+                raise NotFound(f"job {job_id!r} has no trial {trial_id!r}", field="trial_id")
+            kept = [row for row in trial.curve if row["epoch"] != epoch]
+            trial.curve = sorted([*kept, metrics], key=lambda row: row["epoch"])
+            score = metrics.get(metric)
+            if score is None or (
+                trial.best_metric is not None and improves(trial.best_metric, score, mode)
+            ):
+                return
+            trial.best_metric, trial.best_epoch, trial.checkpoint = score, epoch, checkpoint
+            leader = session.scalars(
+                select(Trial).where(Trial.job_id == job_id, Trial.is_best.is_(True))
+            ).first()
+            if leader is None or leader.id == trial.id:
+                trial.is_best = True
+            elif improves(score, leader.best_metric, mode):
+                leader.is_best, trial.is_best = False, True
+
+    def finish_trial(
+        self, job_id: str, trial_id: str, state: TrialState, *, error: str | None = None
+    ) -> bool:
+        """Move a running trial to ``state``; of two racing writers the first wins."""
+        values: dict[str, Any] = {"state": state, "finished_at": utcnow()}
+        if error is not None:
+            values["error"] = error
+        query = update(Trial).where(
+            Trial.job_id == job_id, Trial.trial_id == trial_id, Trial.state == TrialState.RUNNING
+        )
+        with self.session() as session:
+            return bool(session.execute(query.values(**values)).rowcount)
+
+    def stop_running_trials(self, job_id: str) -> int:
+        """Mark the trials a search left running as stopped; returns how many there were."""
+        query = update(Trial).where(Trial.job_id == job_id, Trial.state == TrialState.RUNNING)
+        with self.session() as session:
+            result = session.execute(query.values(state=TrialState.STOPPED, finished_at=utcnow()))
+            return int(result.rowcount)
+
+    def list_trials(self, job_id: str) -> list[Trial]:
+        query = select(Trial).where(Trial.job_id == job_id).order_by(Trial.trial_id)
+        with self.session() as session:
+            return list(session.scalars(query))
+
+    def best_trial(self, job_id: str) -> Trial | None:
+        query = select(Trial).where(Trial.job_id == job_id, Trial.is_best.is_(True))
+        with self.session() as session:
+            return session.scalars(query).first()
+
+    def replace_epochs(self, job_id: str, curve: list[dict[str, float]]) -> None:
+        """Make a job's epoch metrics exactly ``curve``: a search's winning trial, once known."""
+        with self.session() as session:
+            session.execute(delete(EpochMetric).where(EpochMetric.job_id == job_id))
+            session.add_all(
+                EpochMetric(job_id=job_id, epoch=int(row["epoch"]), metrics=row) for row in curve
+            )
+
+    @staticmethod
+    def _trial(session: Session, job_id: str, trial_id: str) -> Trial | None:
+        query = select(Trial).where(Trial.job_id == job_id, Trial.trial_id == trial_id)
+        return session.scalars(query).first()
 
     # -- datasets ------------------------------------------------------------------------------
 

@@ -12,6 +12,7 @@ from sqlalchemy.exc import IntegrityError
 from jobs.data import DataCatalog
 from jobs.errors import Conflict
 from jobs.model import check_strategy, resolve_base_model
+from jobs.search import check_search
 from jobs.settings import Settings
 from jobs.spec import JobSpec
 from jobs.store import Job, Store, new_id
@@ -42,6 +43,7 @@ def submit_job(
 
     base_dir = resolve_base_model(spec.base_model)
     check_strategy(spec.strategy, base_dir)
+    check_search(spec, settings, base_dir)
     prepared = DataCatalog(settings, store).load(spec.data, seed=spec.hyperparameters.seed)
 
     job = Job(

@@ -34,6 +34,7 @@ from server.schemas import (
     PredictIn,
     PredictOut,
     PromoteIn,
+    TrialList,
 )
 
 log = logging.getLogger(__name__)
@@ -138,6 +139,14 @@ async def job_metrics(request: Request, job_id: str) -> JobMetricsOut:
     store = services(request).store
     await run_blocking(store.get_job, job_id)
     return JobMetricsOut.of(job_id, await run_blocking(store.epoch_metrics, job_id))
+
+
+@router.get("/jobs/{job_id}/trials", response_model=TrialList, tags=["jobs"])
+async def job_trials(request: Request, job_id: str) -> TrialList:
+    """A search job's trials, live while it runs; an empty list for any other job."""
+    store = services(request).store
+    job = await run_blocking(store.get_job, job_id)
+    return TrialList.of(job, await run_blocking(store.list_trials, job_id))
 
 
 @router.post("/datasets", status_code=201, response_model=DatasetOut, tags=["datasets"])

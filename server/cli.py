@@ -9,6 +9,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.live import Live
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -161,6 +162,8 @@ def follow(job_id: str, url: UrlOption = None) -> None:
 def watch_job(c: Client, job_id: str) -> dict[str, Any]:
     """Show a job's progress until it ends; return it as it ended."""
     job = c.job(job_id)
+    if job["spec"].get("search"):
+        return watch_search(c, job_id)
     total = int(job["spec"]["hyperparameters"]["epochs"])
     seen_log = 0
     columns = (
@@ -200,6 +203,74 @@ def print_epochs(epochs: list[dict[str, Any]]) -> None:
             str(row["epoch"]), *(f"{row['metrics'].get(k, float('nan')):.4f}" for k in keys)
         )
     console.print(table)
+
+
+@jobs_app.command("trials")
+def trials(
+    job_id: str,
+    watch: Annotated[bool, typer.Option("--watch", help="Refresh until the search ends.")] = False,
+    url: UrlOption = None,
+) -> None:
+    """Show a search job's trials: the values each tried, its state, epochs and best metric."""
+    c = client(url)
+    try:
+        if watch:
+            job = watch_search(c, job_id)
+        else:
+            console.print(trials_table(c.job(job_id), c.trials(job_id)))
+            return
+    except ApiError as exc:
+        raise fail(exc) from None
+    if job["status"] != "SUCCEEDED":
+        raise typer.Exit(code=1)
+
+
+def watch_search(c: Client, job_id: str) -> dict[str, Any]:
+    """Show a search as a live table of its trials, with its log lines, until it ends."""
+    job = c.job(job_id)
+    seen_log = 0
+    with Live(trials_table(job, c.trials(job_id)), console=console, auto_refresh=False) as live:
+        for job in c.follow(job_id):
+            for line in c.log(job_id, after=seen_log):
+                seen_log = line["id"]
+                live.console.print(f"  {line['message']}", markup=False, highlight=False)
+            live.update(trials_table(job, c.trials(job_id)), refresh=True)
+    if job["status"] == "SUCCEEDED":
+        search = job["result"]["search"]
+        console.print(
+            f"[green]SUCCEEDED[/green]: {job['model_name']} v{job['model_version']} from trial "
+            f"{search['best_trial']}, {search['metric']} {search['best_metric']:.4f}"
+        )
+    else:
+        console.print(f"[red]{job['status']}[/red]: {job.get('error') or ''}")
+    return job
+
+
+def trials_table(job: dict[str, Any], found: dict[str, Any]) -> Table:
+    """A row per trial: its state, the values it tried, epochs and best metric; * marks the best."""
+    paths = sorted((job["spec"].get("search") or {}).get("space", {}))
+    table = Table(
+        "trial",
+        "state",
+        *(path.split(".")[-1] for path in paths),
+        "epochs",
+        found["metric"] or "metric",
+        title=f"{job['id']} {job['status']}",
+    )
+    for trial in found["trials"]:
+        best = trial["best_metric"]
+        table.add_row(
+            trial["trial_id"] + (" *" if trial["is_best"] else ""),
+            trial["state"],
+            *(shown(trial["config"].get(path)) for path in paths),
+            str(len(trial["curve"])),
+            "" if best is None else f"{best:.4f}",
+        )
+    return table
+
+
+def shown(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
 @datasets_app.command("upload")

@@ -85,6 +85,10 @@ class Client:
     def epochs(self, job_id: str) -> list[dict[str, Any]]:
         return list(self._call("GET", f"/v1/jobs/{job_id}/metrics")["epochs"])
 
+    def trials(self, job_id: str) -> dict[str, Any]:
+        """A search job's trials, with the metric they are compared on and its mode."""
+        return dict(self._call("GET", f"/v1/jobs/{job_id}/trials"))
+
     def upload(self, path: Path, *, name: str | None = None) -> dict[str, Any]:
         with path.open("rb") as handle:
             files = {"file": (path.name, handle)}

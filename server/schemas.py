@@ -7,7 +7,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from jobs.store import Dataset, EpochMetric, Job, JobLog, Model, ModelVersion
+from jobs.search import search_metric
+from jobs.spec import JobSpec
+from jobs.store import Dataset, EpochMetric, Job, JobLog, Model, ModelVersion, Trial
 
 
 class Out(BaseModel):
@@ -68,6 +70,37 @@ class JobMetricsOut(BaseModel):
     @classmethod
     def of(cls, job_id: str, epochs: list[EpochMetric]) -> JobMetricsOut:
         return cls(job_id=job_id, epochs=[EpochOut.model_validate(e) for e in epochs])
+
+
+class TrialOut(Out):
+    trial_id: str
+    state: str
+    config: dict[str, Any] = Field(description="The searched values, by spec path.")
+    curve: list[dict[str, float]] = Field(description="The metrics of each epoch.")
+    best_metric: float | None
+    best_epoch: int | None
+    is_best: bool = Field(description="Whether this trial leads the search.")
+    error: str | None
+    started_at: datetime
+    finished_at: datetime | None
+
+
+class TrialList(BaseModel):
+    job_id: str
+    metric: str | None = Field(description="What trials are compared on; None if no search.")
+    mode: str | None = Field(description="min or max: which way the metric improves.")
+    trials: list[TrialOut]
+
+    @classmethod
+    def of(cls, job: Job, trials: list[Trial]) -> TrialList:
+        spec = JobSpec.model_validate(job.spec)
+        metric, mode = search_metric(spec) if spec.search else (None, None)
+        return cls(
+            job_id=job.id,
+            metric=metric,
+            mode=mode,
+            trials=[TrialOut.model_validate(t) for t in trials],
+        )
 
 
 class DatasetOut(Out):

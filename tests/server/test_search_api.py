@@ -1,0 +1,191 @@
+"""Hyperparameter search end to end, over HTTP, on the session's real local Ray cluster."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+import ray
+from typer.testing import CliRunner
+
+from jobs.runner import NAMESPACE, job_process_name
+from server.cli import app
+from server.client import ApiError
+from tests.conftest import Stack, tiny_spec
+from tests.factories import read_sentiment
+
+pytestmark = pytest.mark.integration
+
+SPACE = {
+    "hyperparameters.head_lr": {"loguniform": [1e-3, 1e-2]},
+    "strategy.frozen_layers": {"choice": [0, 1, 2]},
+}
+
+
+@pytest.fixture(scope="module")
+def reviews(stack: Stack) -> str:
+    return stack.data_file("search-reviews.csv", read_sentiment("amazon").iloc[:200])
+
+
+def search_spec(
+    tiny_model_dir: Path, reviews: str, model_name: str, **search: Any
+) -> dict[str, Any]:
+    spec = tiny_spec(tiny_model_dir, reviews, model_name=model_name, hyperparameters={"epochs": 3})
+    spec["search"] = {"space": SPACE, "trials": 4, "max_concurrent": 2, **search}
+    return spec
+
+
+def free_cpus() -> float:
+    return float(ray.available_resources().get("CPU", 0))
+
+
+def wait_for_cpus(stack: Stack, before: float, timeout: float) -> None:
+    """Wait until the cluster's free CPUs are back to ``before``, naming any group left."""
+    try:
+        stack.wait_for(lambda: free_cpus() >= before, timeout, "every trial's CPUs to come back")
+    except AssertionError as exc:
+        left = {
+            group_id: (table["state"], table["bundles"])
+            for group_id, table in ray.util.placement_group_table().items()
+            if table["state"] != "REMOVED"
+        }
+        raise AssertionError(f"{exc}: {free_cpus()} of {before} CPUs free; groups {left}") from None
+
+
+def started_lines(stack: Stack, job_id: str) -> list[str]:
+    return [
+        line["message"].split()[1]
+        for line in stack.client.log(job_id)
+        if line["message"].startswith("trial ") and " started: " in line["message"]
+    ]
+
+
+def test_search_registers_and_serves_its_best_trial(
+    stack: Stack, tiny_model_dir: Path, reviews: str
+) -> None:
+    before = free_cpus()
+    spec = search_spec(tiny_model_dir, reviews, "searched", reduction_factor=2)
+    job = stack.client.wait(stack.client.submit(spec)["id"], timeout=420)
+    assert job["status"] == "SUCCEEDED", job["error"]
+
+    found = stack.client.trials(job["id"])
+    assert (found["metric"], found["mode"]) == ("val_accuracy", "max")
+    trials = found["trials"]
+    assert len(trials) == 4
+    for trial in trials:
+        assert set(trial["config"]) == set(SPACE)
+        assert trial["state"] in {"SUCCEEDED", "STOPPED"}
+        epochs = [row["epoch"] for row in trial["curve"]]
+        assert epochs == list(range(1, len(epochs) + 1)) and 1 <= len(epochs) <= 3
+        assert trial["best_metric"] == max(row["val_accuracy"] for row in trial["curve"])
+    (best,) = [trial for trial in trials if trial["is_best"]]
+    assert best["best_metric"] == max(trial["best_metric"] for trial in trials)
+
+    summary = job["result"]["search"]
+    assert summary["best_trial"] == best["trial_id"] and summary["trials"] == 4
+    assert summary["trial_epochs"] == sum(len(trial["curve"]) for trial in trials) <= 12
+    assert [e["epoch"] for e in stack.client.epochs(job["id"])] == [
+        row["epoch"] for row in best["curve"]
+    ]
+
+    assert stack.client.model("searched")["production_version"] == job["model_version"]
+    assert stack.client.predict("searched", ["great phone"])["version"] == job["model_version"]
+    saved = json.loads(
+        (stack.settings.models_dir() / "searched" / job["id"] / "spec.json").read_text()
+    )
+    assert saved["search"] is None
+    assert saved["hyperparameters"]["head_lr"] == best["config"]["hyperparameters.head_lr"]
+    assert saved["strategy"]["frozen_layers"] == best["config"]["strategy.frozen_layers"]
+    messages = [line["message"] for line in stack.client.log(job["id"])]
+    assert any(m.startswith(f"search done: trial {best['trial_id']} is best") for m in messages)
+    assert any(
+        m.startswith(f"registered searched v{job['model_version']}; promoted") for m in messages
+    )
+
+    wait_for_cpus(stack, before, 60)
+
+    shown = CliRunner().invoke(app, ["jobs", "trials", job["id"], "--url", stack.url])
+    assert shown.exit_code == 0, shown.output
+    assert all(trial["trial_id"] in shown.output for trial in trials)
+    assert "val_accuracy" in shown.output and "head_lr" in shown.output and "*" in shown.output
+    followed = CliRunner().invoke(app, ["jobs", "follow", job["id"], "--url", stack.url])
+    assert followed.exit_code == 0, followed.output
+    assert f"from trial {best['trial_id']}" in followed.output
+
+
+def test_search_over_the_trial_limit_is_refused_before_queuing(
+    stack: Stack, tiny_model_dir: Path, reviews: str
+) -> None:
+    before = len(stack.client.jobs())
+    spec = search_spec(tiny_model_dir, reviews, "too-many", trials=stack.settings.max_trials + 1)
+    with pytest.raises(ApiError) as caught:
+        stack.client.submit(spec)
+    assert (caught.value.status, caught.value.field) == (422, "search.trials")
+    assert str(stack.settings.max_trials + 1) in caught.value.message
+    assert len(stack.client.jobs()) == before
+
+
+def test_trials_of_an_unknown_job_are_404(stack: Stack) -> None:
+    with pytest.raises(ApiError) as caught:
+        stack.client.trials("job-missing")
+    assert caught.value.status == 404
+
+
+def test_cancel_stops_every_trial_of_a_search(
+    stack: Stack, tiny_model_dir: Path, reviews: str
+) -> None:
+    before = free_cpus()
+    spec = search_spec(tiny_model_dir, reviews, "search-cancelled", scheduler="none")
+    spec["hyperparameters"] |= {"epochs": 100, "batch_size": 8}
+    job = stack.client.submit(spec)
+
+    def training_trials() -> list[dict[str, Any]]:
+        return [t for t in stack.client.trials(job["id"])["trials"] if t["curve"]]
+
+    stack.wait_for(lambda: len(training_trials()) == 2, 240, "two trials to train")
+    stack.client.cancel(job["id"])
+    stack.wait_for(
+        lambda: stack.client.job(job["id"])["status"] == "CANCELLED", 90, "the search to cancel"
+    )
+    wait_for_cpus(stack, before, 60)
+
+    trials = stack.client.trials(job["id"])["trials"]
+    assert {trial["state"] for trial in trials} <= {"STOPPED"}
+    trained = {trial["trial_id"]: len(trial["curve"]) for trial in trials}
+    threading.Event().wait(5)
+    later = stack.client.trials(job["id"])["trials"]
+    assert {trial["trial_id"]: len(trial["curve"]) for trial in later} == trained
+    assert all(count < 100 for count in trained.values())
+
+
+def test_resumed_search_does_not_rerun_finished_trials(
+    stack: Stack, tiny_model_dir: Path, reviews: str
+) -> None:
+    spec = search_spec(
+        tiny_model_dir, reviews, "search-resumed", scheduler="none", max_concurrent=1
+    )
+    spec["hyperparameters"] |= {"epochs": 2}
+    job = stack.client.submit(spec)
+
+    def finished() -> list[str]:
+        trials = stack.client.trials(job["id"])["trials"]
+        return [t["trial_id"] for t in trials if t["state"] == "SUCCEEDED"]
+
+    stack.wait_for(lambda: len(finished()) >= 2, 300, "two trials to finish")
+    done_before = finished()
+    threading.Event().wait(4)  # past the period at which Tune saves the experiment's state
+    ray.kill(ray.get_actor(job_process_name(job["id"]), namespace=NAMESPACE), no_restart=True)
+
+    ended = stack.client.wait(job["id"], timeout=420)
+    assert ended["status"] == "SUCCEEDED", ended["error"]
+    assert ended["attempts"] == 2
+    messages = [line["message"] for line in stack.client.log(ended["id"])]
+    assert any(m.startswith("resuming the search: ") for m in messages)
+    starts = started_lines(stack, job["id"])
+    for trial_id in done_before:
+        assert starts.count(trial_id) == 1, (trial_id, starts)
+    trials = stack.client.trials(job["id"])["trials"]
+    assert len(trials) == 4 and sum(trial["is_best"] for trial in trials) == 1
