@@ -28,7 +28,9 @@ ONLY_ON_GPU_NODES = {"ray_node_gpus_utilization"}
 def drifted(stack: Stack) -> dict[str, Any]:
     """Train on Amazon reviews, then send Yelp reviews with labels; returns the drift report
     that started a retraining job."""
-    data = stack.data_file("drift-amazon.csv", read_sentiment("amazon").iloc[:300])
+    # A champion that saw little data, and plenty of labelled Yelp traffic, so that the
+    # challenger's win on the held-out labels is a clear margin rather than a coin toss.
+    data = stack.data_file("drift-amazon.csv", read_sentiment("amazon").iloc[:150])
     spec = {
         "model_name": "drifting",
         "data": {"path": data, "validation_split": 0.2},
@@ -37,14 +39,14 @@ def drifted(stack: Stack) -> dict[str, Any]:
         "monitoring": {
             "schedule_seconds": 2,
             "window_size": 150,
-            "reference_size": 240,
+            "reference_size": 120,
             "retrain": {"min_window": 100, "cooldown_seconds": 0},
         },
     }
     first = stack.client.wait(stack.client.submit(spec)["id"], timeout=300)
     assert first["status"] == "SUCCEEDED", first["error"]
 
-    yelp = read_sentiment("yelp").iloc[:240]
+    yelp = read_sentiment("yelp").iloc[:480]
     texts, labels = yelp["text"].tolist(), yelp["label"].astype(str).tolist()
     for start in range(0, len(texts), 40):
         answer = stack.client.predict("drifting", texts[start : start + 40])
