@@ -3,7 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +62,36 @@ def wait_for_cpus(stack: Stack, before: float, timeout: float) -> None:
         raise AssertionError(f"{exc}: {free_cpus()} of {before} CPUs free; groups {left}") from None
 
 
+def actor_processes(*classes: str) -> list[str]:
+    """Command lines of this session's processes that run actors of the named classes.
+
+    Read from /proc below this session's raylet, since another Ray cluster may share the machine.
+    """
+    raylet = ray._private.worker._global_node.all_processes["raylet"][0].process.pid
+    children: dict[int, list[int]] = {}
+    commands: dict[int, str] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            commands[int(entry.name)] = (entry / "cmdline").read_bytes().decode(errors="replace")
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(parent, []).append(int(entry.name))
+    found: list[str] = []
+    below = list(children.get(raylet, []))
+    while below:
+        pid = below.pop()
+        below.extend(children.get(pid, []))
+        if any(name in commands.get(pid, "") for name in classes):
+            found.append(commands[pid])
+    return found
+
+
+TRIAL_ACTORS = ("ImplicitFunc", "TrainController", "RayTrainWorker")
+
+
 def started_lines(stack: Stack, job_id: str) -> list[str]:
     return [
         line["message"].split()[1]
@@ -63,12 +100,54 @@ def started_lines(stack: Stack, job_id: str) -> list[str]:
     ]
 
 
-def test_search_registers_and_serves_its_best_trial(
+def curl(stack: Stack, method: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    """Call the API with curl, as a user at a shell would."""
+    done = subprocess.run(
+        ["curl", "--silent", "--show-error", "--fail-with-body", "-X", method,
+         "-H", "Content-Type: application/json", "--data-binary", "@-", f"{stack.url}{path}"],
+        input=json.dumps(body), capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, f"curl {method} {path}: {done.stderr} {done.stdout}"
+    return dict(json.loads(done.stdout))
+
+
+@contextmanager
+def watched_in_cli(
+    stack: Stack, job_id: str
+) -> Iterator[tuple[subprocess.Popen[str], list[tuple[float, str]]]]:
+    """Run ``tuneloop jobs trials --watch`` as its own process; collect its lines as they come,
+    each with the time it arrived."""
+    command = Path(sys.executable).with_name("tuneloop")
+    lines: list[tuple[float, str]] = []
+    with subprocess.Popen(
+        [str(command), "jobs", "trials", job_id, "--watch", "--url", stack.url],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "COLUMNS": "200"},
+    ) as process:  # fmt: skip
+
+        def collect() -> None:
+            assert process.stdout is not None
+            for line in process.stdout:
+                lines.append((time.time(), line.rstrip()))
+
+        reader = threading.Thread(target=collect, daemon=True)
+        reader.start()
+        try:
+            yield process, lines
+        finally:
+            process.kill()
+            reader.join(timeout=10)
+
+
+def test_search_submitted_with_curl_is_watched_live_and_its_winner_served(
     stack: Stack, tiny_model_dir: Path, reviews: str
 ) -> None:
     before = free_cpus()
     spec = search_spec(tiny_model_dir, reviews, "searched", reduction_factor=2)
-    job = stack.client.wait(stack.client.submit(spec)["id"], timeout=420)
+    submitted = curl(stack, "POST", "/v1/jobs", spec)
+    with watched_in_cli(stack, submitted["id"]) as (watcher, seen):
+        assert watcher.wait(timeout=420) == 0, "\n".join(line for _, line in seen)
+    job = stack.client.job(submitted["id"])
     assert job["status"] == "SUCCEEDED", job["error"]
 
     found = stack.client.trials(job["id"])
@@ -84,6 +163,20 @@ def test_search_registers_and_serves_its_best_trial(
     (best,) = [trial for trial in trials if trial["is_best"]]
     assert best["best_metric"] == max(trial["best_metric"] for trial in trials)
 
+    # The CLI showed each trial as it started, while the search was still running, and the
+    # winner once it was done.
+    # The store keeps naive UTC times.
+    finished = datetime.fromisoformat(job["finished_at"]).replace(tzinfo=UTC).timestamp()
+    for trial in trials:
+        (started_at,) = [at for at, line in seen if f"trial {trial['trial_id']} started: " in line]
+        assert started_at < finished
+    assert any(
+        f"SUCCEEDED: searched v{job['model_version']} from trial {best['trial_id']}" in line
+        for _, line in seen
+    )
+    shown = "\n".join(line for _, line in seen)
+    assert all(trial["trial_id"] in shown for trial in trials) and "head_lr" in shown
+
     summary = job["result"]["search"]
     assert summary["best_trial"] == best["trial_id"] and summary["trials"] == 4
     assert summary["trial_epochs"] == sum(len(trial["curve"]) for trial in trials) <= 12
@@ -92,7 +185,8 @@ def test_search_registers_and_serves_its_best_trial(
     ]
 
     assert stack.client.model("searched")["production_version"] == job["model_version"]
-    assert stack.client.predict("searched", ["great phone"])["version"] == job["model_version"]
+    answered = curl(stack, "POST", "/v1/models/searched/predict", {"inputs": ["great phone"]})
+    assert answered["version"] == job["model_version"]
     saved = json.loads(
         (stack.settings.models_dir() / "searched" / job["id"] / "spec.json").read_text()
     )
@@ -107,13 +201,9 @@ def test_search_registers_and_serves_its_best_trial(
 
     wait_for_cpus(stack, before, 60)
 
-    shown = CliRunner().invoke(app, ["jobs", "trials", job["id"], "--url", stack.url])
-    assert shown.exit_code == 0, shown.output
-    assert all(trial["trial_id"] in shown.output for trial in trials)
-    assert "val_accuracy" in shown.output and "head_lr" in shown.output and "*" in shown.output
-    followed = CliRunner().invoke(app, ["jobs", "follow", job["id"], "--url", stack.url])
-    assert followed.exit_code == 0, followed.output
-    assert f"from trial {best['trial_id']}" in followed.output
+    listed = CliRunner().invoke(app, ["jobs", "trials", job["id"], "--url", stack.url])
+    assert listed.exit_code == 0, listed.output
+    assert all(trial["trial_id"] in listed.output for trial in trials) and "*" in listed.output
 
 
 def test_search_over_the_trial_limit_is_refused_before_queuing(
@@ -138,7 +228,7 @@ def test_cancel_stops_every_trial_of_a_search(
     stack: Stack, tiny_model_dir: Path, reviews: str
 ) -> None:
     before = free_cpus()
-    spec = search_spec(tiny_model_dir, reviews, "search-cancelled", scheduler="none")
+    spec = search_spec(tiny_model_dir, reviews, "halted", scheduler="none")
     spec["hyperparameters"] |= {"epochs": 100, "batch_size": 8}
     job = stack.client.submit(spec)
 
@@ -146,11 +236,15 @@ def test_cancel_stops_every_trial_of_a_search(
         return [t for t in stack.client.trials(job["id"])["trials"] if t["curve"]]
 
     stack.wait_for(lambda: len(training_trials()) == 2, 240, "two trials to train")
+    assert actor_processes(*TRIAL_ACTORS)
     stack.client.cancel(job["id"])
     stack.wait_for(
         lambda: stack.client.job(job["id"])["status"] == "CANCELLED", 90, "the search to cancel"
     )
     wait_for_cpus(stack, before, 60)
+    stack.wait_for(
+        lambda: not actor_processes(*TRIAL_ACTORS), 60, "the trials' actors and workers to exit"
+    )
 
     trials = stack.client.trials(job["id"])["trials"]
     assert {trial["state"] for trial in trials} <= {"STOPPED"}
@@ -164,9 +258,7 @@ def test_cancel_stops_every_trial_of_a_search(
 def test_resumed_search_does_not_rerun_finished_trials(
     stack: Stack, tiny_model_dir: Path, reviews: str
 ) -> None:
-    spec = search_spec(
-        tiny_model_dir, reviews, "search-resumed", scheduler="none", max_concurrent=1
-    )
+    spec = search_spec(tiny_model_dir, reviews, "restored", scheduler="none", max_concurrent=1)
     spec["hyperparameters"] |= {"epochs": 2}
     job = stack.client.submit(spec)
 
