@@ -107,11 +107,15 @@ def test_search_registers_and_serves_its_best_trial(
 
     wait_for_cpus(stack, before, 60)
 
-    shown = CliRunner().invoke(app, ["jobs", "trials", job["id"], "--url", stack.url])
+    shown = CliRunner().invoke(
+        app, ["jobs", "trials", job["id"], "--url", stack.url, "--token", stack.token]
+    )
     assert shown.exit_code == 0, shown.output
     assert all(trial["trial_id"] in shown.output for trial in trials)
     assert "val_accuracy" in shown.output and "head_lr" in shown.output and "*" in shown.output
-    followed = CliRunner().invoke(app, ["jobs", "follow", job["id"], "--url", stack.url])
+    followed = CliRunner().invoke(
+        app, ["jobs", "follow", job["id"], "--url", stack.url, "--token", stack.token]
+    )
     assert followed.exit_code == 0, followed.output
     assert f"from trial {best['trial_id']}" in followed.output
 
