@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.live import Live
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
+from rich.table import Column, Table
 
 from jobs.logs import configure_logging
 from jobs.settings import Settings, get_settings
@@ -429,18 +429,26 @@ def list_tokens(url: UrlOption = None, token: TokenOption = None) -> None:
         tokens = client(url, token).tokens()
     except ApiError as exc:
         raise fail(exc) from None
-    table = Table("id", "name", "scope", "created", "expires", "revoked", "created by")
+    table = Table(
+        Column("id", no_wrap=True, min_width=12),
+        "name",
+        "scope",
+        "state",
+        "created",
+        Column("created by", no_wrap=True, min_width=12),
+    )
     for t in tokens:
-        table.add_row(
-            t["id"],
-            t["name"],
-            t["scope"],
-            t["created_at"][:19],
-            (t["expires_at"] or "")[:19],
-            (t["revoked_at"] or "")[:19],
-            t["created_by"] or "",
-        )
+        state, created = token_state(t), t["created_at"][:10]
+        table.add_row(t["id"], t["name"], t["scope"], state, created, t["created_by"] or "")
     console.print(table)
+
+
+def token_state(token: dict[str, Any]) -> str:
+    if token["revoked_at"]:
+        return f"revoked {token['revoked_at'][:10]}"
+    if token["expires_at"]:
+        return f"until {token['expires_at'][:10]}"
+    return "active"
 
 
 @tokens_app.command("revoke")
