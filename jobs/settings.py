@@ -9,7 +9,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -59,6 +59,19 @@ class Settings(BaseSettings):
     predict_batch_wait_seconds: float = Field(default=0.005, ge=0)
     log_format: str = Field(default="text", pattern="^(text|json)$")
     log_level: str = "INFO"
+    # Excluded from dumps, so a token never travels in the Serve config, where anyone who can
+    # read the config would find it; each API replica reads them from its own environment.
+    admin_token: SecretStr | None = Field(
+        default=None,
+        exclude=True,
+        description="An admin token (tl_<id>_<secret>) the API accepts from its start; only its "
+        "digest is stored. For clusters, from a Secret.",
+    )
+    metrics_token: SecretStr | None = Field(
+        default=None,
+        exclude=True,
+        description="A read token for Prometheus, bootstrapped like admin_token.",
+    )
 
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{self.home / 'tuneloop.db'}"
@@ -68,6 +81,10 @@ class Settings(BaseSettings):
 
     def resolved_data_root(self) -> Path:
         return self.data_root or self.home / "data"
+
+    def admin_token_file(self) -> Path:
+        """Where the local stack keeps the admin token it made, readable by its owner only."""
+        return self.home / "admin-token"
 
     def uploads_dir(self) -> Path:
         return self.resolved_data_root() / "uploads"

@@ -254,6 +254,24 @@ class DriftReport(Base):
     at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, index=True)
 
 
+class ApiToken(Base):
+    """A bearer token of the API. Only a SHA-256 digest of its secret is kept: the plain token
+    is shown once, when it is made, and cannot be read back from here."""
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(64))
+    scope: Mapped[str] = mapped_column(String(16))
+    secret_sha256: Mapped[str] = mapped_column(String(64))
+    created_by: Mapped[str | None] = mapped_column(
+        String(32), nullable=True, doc="The token that made this one; none when bootstrapped."
+    )
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+
+
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     # WAL lets the API read while a training worker writes; the busy timeout makes a writer
@@ -643,6 +661,31 @@ class Store:
             session.execute(
                 update(Model).where(Model.name == name).values(production_version=version)
             )
+
+    # -- API tokens ----------------------------------------------------------------------------
+
+    def add_token(self, token: ApiToken) -> ApiToken:
+        with self.session() as session:
+            session.add(token)
+        return token
+
+    def find_token(self, token_id: str) -> ApiToken | None:
+        with self.session() as session:
+            return session.get(ApiToken, token_id)
+
+    def list_tokens(self) -> list[ApiToken]:
+        with self.session() as session:
+            return list(session.scalars(select(ApiToken).order_by(ApiToken.created_at)))
+
+    def revoke_token(self, token_id: str) -> ApiToken:
+        """Revoke a token from now on; revoking it again keeps the first time."""
+        with self.session() as session:
+            token = session.get(ApiToken, token_id)
+            if token is None:
+                raise NotFound(f"no token {token_id!r}", field="token_id")
+            if token.revoked_at is None:
+                token.revoked_at = utcnow()
+            return token
 
     # -- traffic, feedback and drift -----------------------------------------------------------
 

@@ -14,8 +14,9 @@ from jobs.data import DataCatalog
 from jobs.errors import TooLarge
 from jobs.settings import Settings
 from jobs.spec import JobSpec, parse_spec
-from jobs.store import Feedback, JobStatus, Store
+from jobs.store import ApiToken, Feedback, JobStatus, Store
 from jobs.submission import submit_job
+from server.auth import BearerAuth, document_scopes, expiry, issue_token
 from server.errors import install_error_handlers
 from server.schemas import (
     DatasetList,
@@ -34,6 +35,10 @@ from server.schemas import (
     PredictIn,
     PredictOut,
     PromoteIn,
+    TokenCreated,
+    TokenIn,
+    TokenList,
+    TokenOut,
     TrialList,
 )
 
@@ -64,6 +69,12 @@ def services(_: Request) -> Services:
     if _services is None:
         raise RuntimeError("the API's services were not set up; set_services was never called")
     return _services
+
+
+def find_token(token_id: str) -> ApiToken | None:
+    if _services is None:
+        raise RuntimeError("the API's services were not set up; set_services was never called")
+    return _services.store.find_token(token_id)
 
 
 def run_blocking(function: Any, /, *args: Any, **kwargs: Any) -> Any:
@@ -245,6 +256,33 @@ async def predict(request: Request, name: str, body: PredictIn) -> PredictOut:
     return PredictOut.model_validate(result)
 
 
+@router.post("/tokens", status_code=201, response_model=TokenCreated, tags=["tokens"])
+async def create_token(request: Request, body: TokenIn) -> TokenCreated:
+    """A new token; the response is the only place its plain text ever appears."""
+    row, plain = await run_blocking(
+        issue_token,
+        services(request).store,
+        name=body.name,
+        scope=body.scope,
+        expires_at=expiry(body.expires_in_days),
+        created_by=request.state.token.id,
+    )
+    return TokenCreated(**TokenOut.model_validate(row).model_dump(), token=plain)
+
+
+@router.get("/tokens", response_model=TokenList, tags=["tokens"])
+async def list_tokens(request: Request) -> TokenList:
+    tokens = await run_blocking(services(request).store.list_tokens)
+    return TokenList(tokens=[TokenOut.model_validate(t) for t in tokens])
+
+
+@router.delete("/tokens/{token_id}", response_model=TokenOut, tags=["tokens"])
+async def revoke_token(request: Request, token_id: str) -> TokenOut:
+    token = await run_blocking(services(request).store.revoke_token, token_id)
+    log.info("token %s revoked by %s", token_id, request.state.token.id)
+    return TokenOut.model_validate(token)
+
+
 operations = APIRouter(tags=["operations"])
 
 
@@ -265,9 +303,14 @@ def build_api() -> FastAPI:
     app = FastAPI(
         title="tuneloop",
         version="0.1.0",
-        description="Fine-tuning jobs, model versions and predictions.",
+        description="Fine-tuning jobs, model versions and predictions. Every route but /healthz, "
+        "/docs and /openapi.json needs a bearer token; each names its scope (x-tuneloop-scope).",
+        redoc_url=None,
+        swagger_ui_oauth2_redirect_url=None,
     )
     install_error_handlers(app)
     app.include_router(router)
     app.include_router(operations)
+    document_scopes(app)
+    app.add_middleware(BearerAuth, find=find_token)
     return app

@@ -17,11 +17,12 @@ from ray.serve.handle import DeploymentHandle
 
 from jobs.logs import configure_logging
 from jobs.runner import ensure_runner
-from jobs.settings import Settings
+from jobs.settings import Settings, get_settings
 from jobs.store import Store
 from monitoring.metrics import JobsCollector, ensure_hub
 from monitoring.monitor import ensure_monitor
 from server.api import Services, build_api, set_services
+from server.auth import bootstrap_tokens
 from server.predictor import Predictor
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,9 @@ class ApiIngress:
         configure_logging(parsed)
         parsed.ensure_dirs()
         store = Store.open(parsed.resolved_database_url())
+        # Tokens are left out of the Serve config the settings came in; read them from this
+        # replica's own environment.
+        bootstrap_tokens(store, get_settings())
         ensure_hub()
         ensure_runner(parsed)
         ensure_monitor(parsed)

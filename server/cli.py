@@ -11,11 +11,12 @@ import typer
 from rich.console import Console
 from rich.live import Live
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
+from rich.table import Column, Table
 
 from jobs.logs import configure_logging
 from jobs.settings import Settings, get_settings
-from server.client import ApiError, Client
+from server.auth import Scope, generate_token
+from server.client import ApiError, Client, find_token
 
 app = typer.Typer(
     help="tuneloop: fine-tune pretrained models on Ray, serve and watch them.", no_args_is_help=True
@@ -23,14 +24,24 @@ app = typer.Typer(
 jobs_app = typer.Typer(help="Submit, list, follow and cancel jobs.", no_args_is_help=True)
 datasets_app = typer.Typer(help="Upload and list datasets.", no_args_is_help=True)
 models_app = typer.Typer(help="List models, their versions, and promote one.", no_args_is_help=True)
+tokens_app = typer.Typer(help="Create, list and revoke API tokens (admin).", no_args_is_help=True)
 app.add_typer(jobs_app, name="jobs")
 app.add_typer(datasets_app, name="datasets")
 app.add_typer(models_app, name="models")
+app.add_typer(tokens_app, name="tokens")
 console = Console()
 err = Console(stderr=True)
 
 UrlOption = Annotated[
     str | None, typer.Option("--url", help="API URL; TUNELOOP_URL or the local stack's by default.")
+]
+TokenOption = Annotated[
+    str | None,
+    typer.Option(
+        "--token",
+        help="API token; TUNELOOP_TOKEN or the local stack's admin token file by default.",
+        show_default=False,
+    ),
 ]
 
 
@@ -41,9 +52,10 @@ def api_url(url: str | None) -> str:
     )
 
 
-def client(url: str | None) -> Client:
+def client(url: str | None, token: str | None) -> Client:
     # One command makes few requests; with no keep-alive nothing needs closing afterwards.
-    return Client(api_url(url), token=os.environ.get("TUNELOOP_TOKEN"), keep_alive=False)
+    token = token or find_token(get_settings().admin_token_file())
+    return Client(api_url(url), token=token, keep_alive=False)
 
 
 def fail(exc: ApiError) -> typer.Exit:
@@ -62,6 +74,10 @@ def up() -> None:
         url = start(settings)
     console.print(f"tuneloop is up at [bold]{url}[/bold] (API docs at {url}/docs)")
     console.print(f"state lives in {settings.home}")
+    console.print(
+        f"admin token in {settings.admin_token_file()} (readable by you only); the CLI uses it "
+        "unless given --token or TUNELOOP_TOKEN"
+    )
 
 
 @app.command()
@@ -80,25 +96,31 @@ def submit(
         bool, typer.Option("--follow", help="Follow the job to its end.")
     ] = False,
     url: UrlOption = None,
+    token: TokenOption = None,
 ) -> None:
     """Submit a job spec file."""
     try:
-        job = client(url).submit(spec)
+        job = client(url, token).submit(spec)
     except ApiError as exc:
         raise fail(exc) from None
     console.print(f"submitted [bold]{job['id']}[/bold] ({job['status']})")
     if follow_job:
-        follow(job["id"], url)
+        follow(job["id"], url, token)
 
 
 @jobs_app.command("list")
 def list_jobs(
     status: Annotated[str | None, typer.Option(help="Only jobs in this state.")] = None,
     url: UrlOption = None,
+    token: TokenOption = None,
 ) -> None:
     """List jobs, newest first."""
+    try:
+        jobs = client(url, token).jobs(status=status)
+    except ApiError as exc:
+        raise fail(exc) from None
     table = Table("id", "model", "status", "trigger", "version", "created")
-    for job in client(url).jobs(status=status):
+    for job in jobs:
         table.add_row(
             job["id"],
             job["model_name"],
@@ -111,9 +133,9 @@ def list_jobs(
 
 
 @jobs_app.command("show")
-def show(job_id: str, url: UrlOption = None) -> None:
+def show(job_id: str, url: UrlOption = None, token: TokenOption = None) -> None:
     """Show one job as JSON, with its epoch metrics."""
-    c = client(url)
+    c = client(url, token)
     try:
         job = c.job(job_id)
         job["epochs"] = c.epochs(job_id)
@@ -123,10 +145,10 @@ def show(job_id: str, url: UrlOption = None) -> None:
 
 
 @jobs_app.command("log")
-def log_lines(job_id: str, url: UrlOption = None) -> None:
+def log_lines(job_id: str, url: UrlOption = None, token: TokenOption = None) -> None:
     """Print a job's log."""
     try:
-        for line in client(url).log(job_id):
+        for line in client(url, token).log(job_id):
             console.print(
                 f"{line['at'][:19]} {line['level']:<7} {line['message']}",
                 markup=False,
@@ -137,10 +159,10 @@ def log_lines(job_id: str, url: UrlOption = None) -> None:
 
 
 @jobs_app.command("cancel")
-def cancel(job_id: str, url: UrlOption = None) -> None:
+def cancel(job_id: str, url: UrlOption = None, token: TokenOption = None) -> None:
     """Cancel a queued or running job."""
     try:
-        job = client(url).cancel(job_id)
+        job = client(url, token).cancel(job_id)
     except ApiError as exc:
         raise fail(exc) from None
     console.print(
@@ -149,10 +171,10 @@ def cancel(job_id: str, url: UrlOption = None) -> None:
 
 
 @jobs_app.command("follow")
-def follow(job_id: str, url: UrlOption = None) -> None:
+def follow(job_id: str, url: UrlOption = None, token: TokenOption = None) -> None:
     """Follow a job: a progress bar over its epochs, its log lines and its epoch metrics."""
     try:
-        job = watch_job(client(url), job_id)
+        job = watch_job(client(url, token), job_id)
     except ApiError as exc:
         raise fail(exc) from None
     if job["status"] != "SUCCEEDED":
@@ -210,9 +232,10 @@ def trials(
     job_id: str,
     watch: Annotated[bool, typer.Option("--watch", help="Refresh until the search ends.")] = False,
     url: UrlOption = None,
+    token: TokenOption = None,
 ) -> None:
     """Show a search job's trials: the values each tried, its state, epochs and best metric."""
-    c = client(url)
+    c = client(url, token)
     try:
         if watch:
             job = watch_search(c, job_id)
@@ -278,38 +301,47 @@ def upload(
     path: Annotated[Path, typer.Argument(exists=True, dir_okay=False)],
     name: Annotated[str | None, typer.Option(help="A name to show.")] = None,
     url: UrlOption = None,
+    token: TokenOption = None,
 ) -> None:
     """Upload a CSV, JSONL or Parquet file; prints its dataset id."""
     try:
-        dataset = client(url).upload(path, name=name)
+        dataset = client(url, token).upload(path, name=name)
     except ApiError as exc:
         raise fail(exc) from None
     console.print(f"{dataset['id']}  {dataset['rows']} rows  {dataset['name']}")
 
 
 @datasets_app.command("list")
-def list_datasets(url: UrlOption = None) -> None:
+def list_datasets(url: UrlOption = None, token: TokenOption = None) -> None:
     """List uploaded datasets."""
+    try:
+        datasets = client(url, token).datasets()
+    except ApiError as exc:
+        raise fail(exc) from None
     table = Table("id", "name", "format", "rows", "bytes")
-    for d in client(url).datasets():
+    for d in datasets:
         table.add_row(d["id"], d["name"], d["format"], str(d["rows"]), str(d["size_bytes"]))
     console.print(table)
 
 
 @models_app.command("list")
-def list_models(url: UrlOption = None) -> None:
+def list_models(url: UrlOption = None, token: TokenOption = None) -> None:
     """List models and their production versions."""
+    try:
+        models = client(url, token).models()
+    except ApiError as exc:
+        raise fail(exc) from None
     table = Table("model", "production", "created")
-    for m in client(url).models():
+    for m in models:
         table.add_row(m["name"], str(m["production_version"] or "-"), m["created_at"][:19])
     console.print(table)
 
 
 @models_app.command("show")
-def show_model(name: str, url: UrlOption = None) -> None:
+def show_model(name: str, url: UrlOption = None, token: TokenOption = None) -> None:
     """List a model's versions with their validation accuracy."""
     try:
-        model = client(url).model(name)
+        model = client(url, token).model(name)
     except ApiError as exc:
         raise fail(exc) from None
     table = Table("version", "job", "val_accuracy", "parent", "production")
@@ -325,10 +357,10 @@ def show_model(name: str, url: UrlOption = None) -> None:
 
 
 @models_app.command("promote")
-def promote(name: str, version: int, url: UrlOption = None) -> None:
+def promote(name: str, version: int, url: UrlOption = None, token: TokenOption = None) -> None:
     """Make a version the one that answers predictions."""
     try:
-        client(url).promote(name, version)
+        client(url, token).promote(name, version)
     except ApiError as exc:
         raise fail(exc) from None
     console.print(f"{name}: v{version} is in production")
@@ -339,10 +371,11 @@ def predict(
     name: str,
     texts: Annotated[list[str], typer.Argument(help="Texts to classify.")],
     url: UrlOption = None,
+    token: TokenOption = None,
 ) -> None:
     """Classify texts with a model's production version."""
     try:
-        answer = client(url).predict(name, texts)
+        answer = client(url, token).predict(name, texts)
     except ApiError as exc:
         raise fail(exc) from None
     for text, prediction in zip(texts, answer["predictions"], strict=True):
@@ -352,6 +385,87 @@ def predict(
             markup=False,
             highlight=False,
         )
+
+
+@tokens_app.command("create")
+def create_token(
+    name: Annotated[str, typer.Option(help="Who or what will use it.")],
+    scope: Annotated[
+        Scope, typer.Option(help="read; submit (also read); admin (everything).")
+    ] = Scope.READ,
+    expires_in_days: Annotated[
+        int | None, typer.Option(help="Days until it stops working; never if not given.")
+    ] = None,
+    save: Annotated[
+        Path | None,
+        typer.Option(help="Write the token to this new file, readable by you only, not stdout."),
+    ] = None,
+    url: UrlOption = None,
+    token: TokenOption = None,
+) -> None:
+    """Create a token. It is shown once, now: only a digest of it is kept."""
+    if save is not None and save.exists():
+        err.print(f"[red]error[/red] --save {save}: the file exists; name a new one")
+        raise typer.Exit(code=1)
+    try:
+        made = client(url, token).create_token(name, scope.value, expires_in_days=expires_in_days)
+    except ApiError as exc:
+        raise fail(exc) from None
+    expires = made["expires_at"][:19] if made["expires_at"] else "never"
+    err.print(f"token {made['id']} ({made['name']}, scope {made['scope']}, expires {expires})")
+    if save is None:
+        typer.echo(made["token"])  # alone on stdout, for a pipe or a file
+        return
+    descriptor = os.open(save, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "w") as handle:
+        handle.write(made["token"] + "\n")
+    err.print(f"written to {save}")
+
+
+@tokens_app.command("list")
+def list_tokens(url: UrlOption = None, token: TokenOption = None) -> None:
+    """List tokens: never the tokens themselves, which are not kept."""
+    try:
+        tokens = client(url, token).tokens()
+    except ApiError as exc:
+        raise fail(exc) from None
+    table = Table(
+        Column("id", no_wrap=True, min_width=12),
+        "name",
+        "scope",
+        "state",
+        "created",
+        Column("created by", no_wrap=True, min_width=12),
+    )
+    for t in tokens:
+        state, created = token_state(t), t["created_at"][:10]
+        table.add_row(t["id"], t["name"], t["scope"], state, created, t["created_by"] or "")
+    console.print(table)
+
+
+def token_state(token: dict[str, Any]) -> str:
+    if token["revoked_at"]:
+        return f"revoked {token['revoked_at'][:10]}"
+    if token["expires_at"]:
+        return f"until {token['expires_at'][:10]}"
+    return "active"
+
+
+@tokens_app.command("revoke")
+def revoke_token(token_id: str, url: UrlOption = None, token: TokenOption = None) -> None:
+    """Revoke a token by its id; it is refused from the next request on."""
+    try:
+        revoked = client(url, token).revoke_token(token_id)
+    except ApiError as exc:
+        raise fail(exc) from None
+    console.print(f"{revoked['id']} ({revoked['name']}) revoked at {revoked['revoked_at'][:19]}")
+
+
+@tokens_app.command("generate")
+def generate() -> None:
+    """Print a new random token without asking any server, for TUNELOOP_ADMIN_TOKEN or
+    TUNELOOP_METRICS_TOKEN; the API stores its digest when it starts with it."""
+    typer.echo(generate_token())
 
 
 @app.command()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,6 +12,14 @@ import httpx
 import yaml
 
 FINISHED = {"SUCCEEDED", "FAILED", "CANCELLED"}
+
+
+def find_token(token_file: Path) -> str | None:
+    """TUNELOOP_TOKEN, else the token in ``token_file`` (the admin token `tuneloop up` wrote),
+    else None."""
+    if token := os.environ.get("TUNELOOP_TOKEN"):
+        return token
+    return token_file.read_text().strip() if token_file.is_file() else None
 
 
 class ApiError(Exception):
@@ -122,6 +131,19 @@ class Client:
 
     def drift_reports(self, name: str) -> list[dict[str, Any]]:
         return list(self._call("GET", f"/v1/models/{name}/drift")["reports"])
+
+    def create_token(
+        self, name: str, scope: str, *, expires_in_days: int | None = None
+    ) -> dict[str, Any]:
+        """A new token; its plain text is in the answer's ``token``, and nowhere else."""
+        body = {"name": name, "scope": scope, "expires_in_days": expires_in_days}
+        return dict(self._call("POST", "/v1/tokens", json=body))
+
+    def tokens(self) -> list[dict[str, Any]]:
+        return list(self._call("GET", "/v1/tokens")["tokens"])
+
+    def revoke_token(self, token_id: str) -> dict[str, Any]:
+        return dict(self._call("DELETE", f"/v1/tokens/{token_id}"))
 
     def follow(self, job_id: str, interval: float = 1.0) -> Iterator[dict[str, Any]]:
         """Yield the job each ``interval`` seconds until it finishes, then once more."""

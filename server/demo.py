@@ -154,7 +154,7 @@ def run_demo(settings: Settings, data_dir: Path, console: Console, *, keep_runni
     with console.status("starting the local stack (Ray, the API, the runner, the predictor)"):
         url = local.up(settings)
     console.print(f"tuneloop is up at {url}")
-    c = Client(url)
+    c = Client(url, token=settings.admin_token_file().read_text().strip())
     try:
         with tempfile.TemporaryDirectory() as folder:
             path = Path(folder) / "amazon-reviews.csv"

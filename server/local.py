@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import socket
 import subprocess
@@ -14,7 +15,10 @@ import httpx
 import ray
 from ray import serve
 
+from jobs.errors import Unauthorized
 from jobs.settings import Settings
+from jobs.store import Store
+from server.auth import Scope, issue_token, verify
 
 log = logging.getLogger(__name__)
 
@@ -66,11 +70,38 @@ def port_open(host: str, port: int) -> bool:
         return probe.connect_ex((host, port)) == 0
 
 
+def ensure_admin_token(settings: Settings) -> bool:
+    """Make sure the admin token file under the home holds a token this stack's database
+    accepts, making one when it does not; returns whether it made one.
+
+    The file is created readable by its owner only, before the token is written into it.
+    """
+    path = settings.admin_token_file()
+    store = Store.open(settings.resolved_database_url())
+    try:
+        if path.is_file():
+            try:
+                verify(path.read_text().strip(), store.find_token)
+                return False
+            except Unauthorized as exc:
+                log.warning("the token in %s is refused (%s); making a new one", path, exc)
+        _, plain = issue_token(store, name="local admin", scope=Scope.ADMIN)
+    finally:
+        store.engine.dispose()
+    path.unlink(missing_ok=True)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "w") as handle:
+        handle.write(plain + "\n")
+    return True
+
+
 def up(settings: Settings, timeout: float = 180) -> str:
     """Start the local stack and return the API's URL once it answers."""
     from server.app import APP_NAME, build_app
 
     settings.ensure_dirs()
+    if ensure_admin_token(settings):
+        log.info("admin token written to %s (mode 0600)", settings.admin_token_file())
     start_head(settings)
     serve.start(http_options={"host": settings.api_host, "port": settings.api_port})
     serve.run(

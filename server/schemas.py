@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from jobs.search import search_metric
 from jobs.spec import JobSpec
 from jobs.store import Dataset, EpochMetric, Job, JobLog, Model, ModelVersion, Trial
+from server.auth import Scope
 
 
 class Out(BaseModel):
@@ -219,3 +220,30 @@ class DriftReportList(BaseModel):
 class Health(BaseModel):
     status: str
     database: str
+
+
+class TokenIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, max_length=64, description="Who or what will use it.")
+    scope: Scope = Field(description="read < submit < admin; each grants the ones below it.")
+    expires_in_days: int | None = Field(
+        default=None, ge=1, le=3650, description="Days until it stops working; never if unset."
+    )
+
+
+class TokenOut(Out):
+    id: str
+    name: str
+    scope: str
+    created_by: str | None
+    created_at: datetime
+    expires_at: datetime | None
+    revoked_at: datetime | None
+
+
+class TokenCreated(TokenOut):
+    token: str = Field(description="The token itself, shown this once; only its digest is kept.")
+
+
+class TokenList(BaseModel):
+    tokens: list[TokenOut]

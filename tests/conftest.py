@@ -7,7 +7,7 @@ import os
 import socket
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ import sqlalchemy
 
 from jobs.settings import Settings
 from jobs.store import Store
+from server.auth import Scope, issue_token
 from server.client import Client
 from tests.factories import build_tiny_bert, write_sentiment_csv
 
@@ -102,6 +103,12 @@ class Stack:
     client: Client
     store: Store
     url: str
+    token: str = field(repr=False)
+
+    @property
+    def auth(self) -> dict[str, str]:
+        """Headers for a raw HTTP call made with the stack's admin token."""
+        return {"Authorization": f"Bearer {self.token}"}
 
     def data_file(self, name: str, frame: pd.DataFrame) -> str:
         """Write ``frame`` as a CSV under the data root and return its spec path."""
@@ -163,8 +170,9 @@ def stack(ray_cluster: None, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     url = f"http://127.0.0.1:{settings.api_port}"
     wait_healthy(url, timeout=180)
     store = Store.open(settings.resolved_database_url())
-    with Client(url) as client:
-        yield Stack(settings, client, store, url)
+    _, token = issue_token(store, name="tests", scope=Scope.ADMIN)
+    with Client(url, token=token) as client:
+        yield Stack(settings, client, store, url, token)
     store.engine.dispose()
 
 

@@ -19,11 +19,9 @@ needs_promtool = pytest.mark.skipif(
 )
 
 
-def _promtool(*args: str) -> subprocess.CompletedProcess[str]:
+def _promtool(*args: str, cwd: Path = PROMETHEUS) -> subprocess.CompletedProcess[str]:
     assert PROMTOOL is not None
-    return subprocess.run(
-        [PROMTOOL, *args], cwd=PROMETHEUS, capture_output=True, text=True, timeout=60
-    )
+    return subprocess.run([PROMTOOL, *args], cwd=cwd, capture_output=True, text=True, timeout=60)
 
 
 def _load(name: str) -> Any:
@@ -49,8 +47,14 @@ def test_alert_rules_pass_promtool_unit_tests() -> None:
 
 
 @needs_promtool
-def test_local_prometheus_config_passes_promtool_check() -> None:
-    result = _promtool("check", "config", "prometheus.yml")
+def test_local_prometheus_config_passes_promtool_check(tmp_path: Path) -> None:
+    # promtool insists that the token file exists; the real one is made by each user and ignored
+    # by git, so the config is checked in a copy of the folder with a stand-in.
+    for name in ("prometheus.yml", "alerts.yml"):
+        shutil.copy(PROMETHEUS / name, tmp_path / name)
+    (tmp_path / "tuneloop-metrics.token").write_text("tl_000000000000_" + "A" * 43)
+
+    result = _promtool("check", "config", "prometheus.yml", cwd=tmp_path)
 
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -94,5 +98,6 @@ def test_local_prometheus_scrapes_the_api_and_loads_the_alerts() -> None:
 
     assert config["rule_files"] == ["alerts.yml"]
     assert jobs["tuneloop"]["metrics_path"] == "/metrics"
+    assert jobs["tuneloop"]["authorization"] == {"credentials_file": "tuneloop-metrics.token"}
     assert jobs["tuneloop"]["static_configs"] == [{"targets": ["127.0.0.1:8000"]}]
     assert jobs["ray"]["static_configs"] == [{"targets": ["127.0.0.1:8080"]}]

@@ -56,7 +56,16 @@ def test_api_is_scraped_on_the_head_and_ray_metrics_on_every_ray_pod(render: Ren
     ray_labels = cluster["headGroupSpec"]["template"]["metadata"]["labels"]
 
     assert api["spec"]["podMetricsEndpoints"] == [
-        {"port": "serve", "path": "/metrics", "interval": "15s"}
+        {
+            "port": "serve",
+            "path": "/metrics",
+            "interval": "15s",
+            # /metrics needs a read token: the metrics one, never the admin one.
+            "authorization": {
+                "type": "Bearer",
+                "credentials": {"name": "tuneloop-api-tokens", "key": "metrics-token"},
+            },
+        }
     ]
     assert api["spec"]["selector"]["matchLabels"] == {**ray_labels, "ray.io/node-type": "head"}
     assert ray["spec"]["podMetricsEndpoints"] == [{"port": "metrics", "interval": "15s"}]

@@ -13,7 +13,9 @@ def test_notes_tell_how_to_reach_the_api_and_read_the_token(render: Render) -> N
 
     assert "kubectl -n ml port-forward svc/tuneloop-api 8000:8000" in notes
     assert "http://tuneloop-api.ml.svc:8000" in notes
-    assert "kubectl -n ml get secret tuneloop-api-tokens" in notes
+    assert "kubectl -n ml get secret tuneloop-api-tokens \\\n" in notes
+    assert "-o jsonpath='{.data.admin-token}' | base64 -d" in notes
+    assert "tuneloop tokens create --name <who>" in notes
     assert "svc/tuneloop-head-svc 8265:8265" in notes
 
 
@@ -46,5 +48,6 @@ def test_notes_warn_when_datasets_have_no_shared_volume(render: Render) -> None:
 def test_notes_name_an_existing_token_secret(render: Render) -> None:
     notes = render(scenario="external-db-values").notes
 
-    assert "Secret tuneloop-api-tokens, key tokens" in notes
+    assert "From the Secret tuneloop-api-tokens: the admin token under key admin," in notes
+    assert "-o jsonpath='{.data.admin}'" in notes
     assert "URL from Secret tuneloop-db" in notes

@@ -43,6 +43,10 @@ CASES: dict[str, tuple[dict[str, Any], str]] = {
         {"ray": {"workers": {"gpu": {"enabled": True, "minReplicas": 3, "maxReplicas": 1}}}},
         "ray.workers.gpu.minReplicas (3) is greater than ray.workers.gpu.maxReplicas (1)",
     ),
+    "one-key-for-both-tokens": (
+        {"apiTokens": {"metricsKey": "admin-token"}},
+        'apiTokens.adminKey and apiTokens.metricsKey are both "admin-token"',
+    ),
     "ingress-without-hosts": (
         {"ingress": {"enabled": True, "hosts": []}},
         "ingress.hosts must list at least one host when ingress.enabled is true",

@@ -16,7 +16,9 @@ pytestmark = pytest.mark.integration
 
 
 def run(stack: Stack, *args: str) -> str:
-    result = CliRunner().invoke(app, [*args, "--url", stack.url], catch_exceptions=False)
+    result = CliRunner().invoke(
+        app, [*args, "--url", stack.url, "--token", stack.token], catch_exceptions=False
+    )
     assert result.exit_code == 0, result.output
     return result.output
 
@@ -44,6 +46,8 @@ def test_submit_follow_list_show_and_predict(
 def test_invalid_spec_file_exits_with_the_reason(stack: Stack, tmp_path: Path) -> None:
     spec_file = tmp_path / "bad.yaml"
     spec_file.write_text("model_name: cli\ndata: {path: x.csv}\nhyperparameters: {epochs: 0}\n")
-    result = CliRunner().invoke(app, ["submit", str(spec_file), "--url", stack.url])
+    result = CliRunner().invoke(
+        app, ["submit", str(spec_file), "--url", stack.url, "--token", stack.token]
+    )
     assert result.exit_code == 1
     assert "hyperparameters.epochs" in result.output

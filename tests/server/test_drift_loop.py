@@ -14,6 +14,7 @@ import httpx
 import pytest
 import yaml
 
+from server.auth import Scope, issue_token
 from tests.conftest import RAY_METRICS_PORT, Stack, free_port
 from tests.deploy.test_metric_names import EXPRESSIONS, _metric_names
 from tests.factories import read_sentiment
@@ -85,9 +86,9 @@ def test_drift_starts_a_retraining_job_that_gets_promoted(
     ]
     assert retrains == [retrain["id"]]
 
-    html = httpx.get(f"{stack.url}/v1/drift/{drifted['id']}/report", timeout=30)
+    html = httpx.get(f"{stack.url}/v1/drift/{drifted['id']}/report", headers=stack.auth, timeout=30)
     assert html.status_code == 200 and "<html" in html.text.lower()
-    scraped = httpx.get(f"{stack.url}/metrics", timeout=30).text
+    scraped = httpx.get(f"{stack.url}/metrics", headers=stack.auth, timeout=30).text
     assert 'tuneloop_drift_detected{check="embedding",model="drifting"} 1.0' in scraped
     assert 'tuneloop_retrains_total{model="drifting"} 1.0' in scraped
 
@@ -118,15 +119,19 @@ def test_stationary_traffic_raises_no_drift(stack: Stack) -> None:
 
 @pytest.fixture
 def prometheus(stack: Stack, tmp_path: Path) -> Iterator[str]:
-    """A real Prometheus server scraping the application's /metrics and Ray's metrics port."""
+    """A real Prometheus server scraping the application's /metrics, with a read token from a
+    file as deploy/prometheus/prometheus.yml has it, and Ray's metrics port."""
     binary = shutil.which("prometheus")
     if binary is None:
         pytest.skip("no prometheus binary; the project's set-up installs Debian's 'prometheus'")
+    _, token = issue_token(stack.store, name="prometheus", scope=Scope.READ)
+    (tmp_path / "tuneloop-metrics.token").write_text(token)
     config = {
         "global": {"scrape_interval": "1s"},
         "scrape_configs": [
             {
                 "job_name": "tuneloop",
+                "authorization": {"credentials_file": "tuneloop-metrics.token"},
                 "static_configs": [{"targets": [stack.url.removeprefix("http://")]}],
             },
             {"job_name": "ray", "static_configs": [{"targets": [f"127.0.0.1:{RAY_METRICS_PORT}"]}]},

@@ -70,7 +70,7 @@ def test_metrics_endpoint_counts_jobs_and_predictions(
     stack.client.predict("counted", ["fine"])
 
     def scraped() -> str:
-        return httpx.get(f"{stack.url}/metrics", timeout=10).text
+        return httpx.get(f"{stack.url}/metrics", headers=stack.auth, timeout=10).text
 
     stack.wait_for(
         lambda: 'tuneloop_predictions_total{model="counted",outcome="ok"}' in scraped(),
@@ -264,7 +264,7 @@ def test_promotion_swaps_versions_without_failed_requests(
     stop = threading.Event()
 
     def traffic() -> None:
-        with httpx.Client(base_url=stack.url, timeout=30) as http:
+        with httpx.Client(base_url=stack.url, headers=stack.auth, timeout=30) as http:
             while not stop.is_set():
                 response = http.post("/v1/models/swapped/predict", json={"inputs": ["ok"]})
                 if response.status_code == 200:
@@ -320,7 +320,7 @@ def test_concurrent_submissions_with_one_idempotency_key_make_one_job(
     headers = {"Idempotency-Key": "submit-once-7"}
 
     def submit() -> httpx.Response:
-        with httpx.Client(base_url=stack.url, timeout=60) as http:
+        with httpx.Client(base_url=stack.url, headers=stack.auth, timeout=60) as http:
             return http.post("/v1/jobs", json=spec, headers=headers)
 
     with ThreadPoolExecutor(max_workers=10) as pool:
@@ -329,7 +329,7 @@ def test_concurrent_submissions_with_one_idempotency_key_make_one_job(
     assert len({r.json()["id"] for r in responses}) == 1
 
     other = {**spec, "hyperparameters": {**spec["hyperparameters"], "epochs": 3}}
-    with httpx.Client(base_url=stack.url, timeout=60) as http:
+    with httpx.Client(base_url=stack.url, headers=stack.auth, timeout=60) as http:
         refused = http.post("/v1/jobs", json=other, headers=headers)
     assert refused.status_code == 409
     assert refused.json()["error"]["field"] == "Idempotency-Key"

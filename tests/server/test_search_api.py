@@ -104,7 +104,8 @@ def curl(stack: Stack, method: str, path: str, body: dict[str, Any]) -> dict[str
     """Call the API with curl, as a user at a shell would."""
     done = subprocess.run(
         ["curl", "--silent", "--show-error", "--fail-with-body", "-X", method,
-         "-H", "Content-Type: application/json", "--data-binary", "@-", f"{stack.url}{path}"],
+         "-H", "Content-Type: application/json", "-H", f"Authorization: Bearer {stack.token}",
+         "--data-binary", "@-", f"{stack.url}{path}"],
         input=json.dumps(body), capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert done.returncode == 0, f"curl {method} {path}: {done.stderr} {done.stdout}"
@@ -122,7 +123,7 @@ def watched_in_cli(
     with subprocess.Popen(
         [str(command), "jobs", "trials", job_id, "--watch", "--url", stack.url],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env={**os.environ, "COLUMNS": "200"},
+        env={**os.environ, "COLUMNS": "200", "TUNELOOP_TOKEN": stack.token},
     ) as process:  # fmt: skip
 
         def collect() -> None:
@@ -201,7 +202,9 @@ def test_search_submitted_with_curl_is_watched_live_and_its_winner_served(
 
     wait_for_cpus(stack, before, 60)
 
-    listed = CliRunner().invoke(app, ["jobs", "trials", job["id"], "--url", stack.url])
+    listed = CliRunner().invoke(
+        app, ["jobs", "trials", job["id"], "--url", stack.url, "--token", stack.token]
+    )
     assert listed.exit_code == 0, listed.output
     assert all(trial["trial_id"] in listed.output for trial in trials) and "*" in listed.output
 

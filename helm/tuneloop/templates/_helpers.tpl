@@ -92,14 +92,17 @@ app.kubernetes.io/component: database
 
 {{/*
 A value kept across upgrades: the existing Secret's key when the release already has one, else a
-fresh random string. Offline rendering (helm template) always gets a fresh one.
-Arguments: list of the root context, the Secret's name, the key.
+fresh value, by default 32 random letters and digits. Offline rendering (helm template) always
+gets a fresh one.
+Arguments: list of the root context, the Secret's name, the key and, optionally, the fresh value.
 */}}
 {{- define "tuneloop.keptRandom" -}}
 {{- $root := index . 0 }}
 {{- $existing := lookup "v1" "Secret" $root.Release.Namespace (index . 1) }}
 {{- if and $existing (hasKey (default dict $existing.data) (index . 2)) }}
 {{- index $existing.data (index . 2) | b64dec }}
+{{- else if gt (len .) 3 }}
+{{- index . 3 }}
 {{- else }}
 {{- randAlphaNum 32 }}
 {{- end }}
@@ -144,6 +147,10 @@ every `helm template` runs it; each message names the values to change.
   $group $w.minReplicas $group $w.maxReplicas) }}
 {{- end }}
 {{- end }}
+{{- if eq .Values.apiTokens.adminKey .Values.apiTokens.metricsKey }}
+{{- fail (printf "apiTokens.adminKey and apiTokens.metricsKey are both %q; the two tokens need a key each"
+  .Values.apiTokens.adminKey) }}
+{{- end }}
 {{- if and .Values.ingress.enabled (not .Values.ingress.hosts) }}
 {{- fail "ingress.hosts must list at least one host when ingress.enabled is true" }}
 {{- end }}
@@ -173,8 +180,17 @@ every `helm template` runs it; each message names the values to change.
       {{- end }}
 - name: TUNELOOP_ARTIFACT_ROOT
   value: {{ include "tuneloop.artifactRoot" . | quote }}
-- name: TUNELOOP_API_TOKENS_FILE
-  value: {{ printf "/etc/tuneloop/api-tokens/%s" .Values.apiTokens.key | quote }}
+{{- /* Every Ray pod: the API's replicas may run on any of them and read these at start. */}}
+- name: TUNELOOP_ADMIN_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "tuneloop.apiTokensSecretName" . }}
+      key: {{ .Values.apiTokens.adminKey }}
+- name: TUNELOOP_METRICS_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "tuneloop.apiTokensSecretName" . }}
+      key: {{ .Values.apiTokens.metricsKey }}
 - name: TUNELOOP_LOG_FORMAT
   value: {{ .Values.logFormat | quote }}
 {{- if .Values.persistence.enabled }}
@@ -218,9 +234,6 @@ every `helm template` runs it; each message names the values to change.
   emptyDir:
     medium: Memory
     sizeLimit: {{ .shmSize }}
-- name: api-tokens
-  secret:
-    secretName: {{ include "tuneloop.apiTokensSecretName" $root }}
 {{- if $root.Values.persistence.enabled }}
 - name: shared
   persistentVolumeClaim:
@@ -231,9 +244,6 @@ every `helm template` runs it; each message names the values to change.
 {{- define "tuneloop.volumeMounts" -}}
 - name: shm
   mountPath: /dev/shm
-- name: api-tokens
-  mountPath: /etc/tuneloop/api-tokens
-  readOnly: true
 {{- if .Values.persistence.enabled }}
 - name: shared
   mountPath: {{ .Values.persistence.mountPath }}
