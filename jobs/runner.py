@@ -32,11 +32,11 @@ from jobs.data import (
     labelled_rows,
     read_table,
 )
-from jobs.errors import TuneloopError
+from jobs.errors import NotFound, TuneloopError
 from jobs.failures import Failure, FailureCode, classify, first_line, limit_breach
 from jobs.model import resolve_base_model
 from jobs.registry import Registry
-from jobs.search import run_search
+from jobs.search import PlacementJanitor, placement_folder, run_search, search_dir
 from jobs.settings import Settings
 from jobs.spec import JobSpec, StrategyKind
 from jobs.store import Job, JobStatus, Store, utcnow
@@ -90,6 +90,7 @@ def build_trainer(
         val_texts=data.validation.texts,
         val_labels=data.label_ids(data.validation),
         feature_cache=cache,
+        placement_record=str(job_placement_folder(settings, job.id) / "workers"),
     )
     resources = spec.resources
     per_worker = {"CPU": resources.cpus_per_worker}
@@ -114,6 +115,22 @@ def build_trainer(
         ),
     )
     return trainer, data, base_dir
+
+
+def job_placement_folder(settings: Settings, job_id: str) -> Path:
+    return settings.checkpoints_dir() / "placement" / job_id
+
+
+def remove_placement_groups(settings: Settings, job_id: str) -> None:
+    """Give back the CPUs of a job whose process was killed or died.
+
+    The trainer in that process is gone with it, before it could release its workers'
+    placement group, and Ray notices a dead trainer only through its State API, which needs
+    the dashboard (see PlacementJanitor). The job's workers and a search's trials record
+    their groups' ids, so the runner removes them.
+    """
+    PlacementJanitor(job_id, job_placement_folder(settings, job_id)).remove_all()
+    PlacementJanitor(job_id, placement_folder(search_dir(settings, job_id))).remove_all()
 
 
 @ray.remote(num_cpus=0, max_restarts=0, max_concurrency=4)
@@ -275,7 +292,11 @@ class Runner:
             if entry["namespace"] != NAMESPACE or not name.startswith(JOB_PROCESS_PREFIX):
                 continue
             job_id = name.removeprefix(JOB_PROCESS_PREFIX)
-            if JobStatus(self.store.get_job(job_id).status).finished:
+            try:
+                finished = JobStatus(self.store.get_job(job_id).status).finished
+            except NotFound:  # another tuneloop's job, on a database of its own
+                continue
+            if finished:
                 ray.kill(ray.get_actor(name, namespace=NAMESPACE), no_restart=True)
                 log.info("job %s: removed the process it left behind", job_id)
 
@@ -313,6 +334,7 @@ class Runner:
                 continue
             ray.kill(actor, no_restart=True)
             del self.processes[job_id]
+            remove_placement_groups(self.settings, job_id)
             self.store.append_log(
                 job_id,
                 "WARNING",
@@ -338,6 +360,7 @@ class Runner:
         actor, _ = self.processes.pop(job_id)
         self._cancel_seen.pop(job_id, None)
         ray.kill(actor, no_restart=True)
+        remove_placement_groups(self.settings, job_id)
         self.store.transition(
             job_id, JobStatus.FAILED, error=failure.reason, error_code=failure.code
         )
@@ -405,6 +428,7 @@ class Runner:
         job = self.store.get_job(job_id)
         if job.status != JobStatus.RUNNING:
             return
+        remove_placement_groups(self.settings, job_id)
         attempts = self.settings.max_job_attempts
         if job.cancel_requested:
             self.store.transition(job_id, JobStatus.CANCELLED)

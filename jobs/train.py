@@ -73,6 +73,7 @@ class TrainingInput:
     val_texts: list[str]
     val_labels: list[int]
     feature_cache: str | None = None
+    placement_record: str | None = None
 
     @property
     def job_spec(self) -> JobSpec:
@@ -136,6 +137,18 @@ def encode_features(
 def peak_resident_mib() -> float:
     """The most resident memory this process has held, in MiB (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def record_placement_group(record: Path) -> None:
+    """Write the id of this worker group's placement group, for the runner to remove should it
+    have to kill the job's process (see jobs.runner.remove_placement_groups)."""
+    group = ray.util.get_current_placement_group()
+    if group is None:
+        return
+    record.parent.mkdir(parents=True, exist_ok=True)
+    partial = record.with_name(f".{record.name}.{os.getpid()}")
+    partial.write_text(group.id.hex())
+    os.replace(partial, record)
 
 
 def classification_metrics(
@@ -215,6 +228,8 @@ class Worker:
 
     def run(self) -> None:
         self.heartbeat(now=True)  # tells the runner this job's workers are up
+        if self.rank == 0 and self.job.placement_record is not None:
+            record_placement_group(Path(self.job.placement_record))
         threads = max(1, int(self.spec.resources.cpus_per_worker))
         torch.set_num_threads(threads)
         seed_everything(self.hp.seed)
