@@ -182,7 +182,6 @@ class Worker:
         self.cancelled = False
         self.frozen_encoder = self.spec.strategy.kind is StrategyKind.FEATURE_EXTRACTION
         self.loss_fn = nn.CrossEntropyLoss()
-        self.rng = random.Random(self.hp.seed + self.rank)
         self.memory_limit = self.spec.limits.memory_mb
         self.last_heartbeat = -math.inf
 
@@ -316,6 +315,10 @@ class Worker:
         stopping = self.hp.early_stopping
         metric, _ = selection_metric(self.spec)
         for epoch in range(progress.epoch + 1, self.hp.epochs + 1):
+            # Each epoch draws its own random numbers (dropout, augmentation), so a run resumed
+            # from a checkpoint trains exactly as one never interrupted.
+            seed_everything(self.hp.seed + epoch)
+            self.rng = random.Random(f"{self.hp.seed}:{self.rank}:{epoch}")
             if self.hp.augmentation is not None and not self.frozen_encoder:
                 train_x = self.augmented_inputs(self.hp.augmentation)
             loader = self.loader(train_x)

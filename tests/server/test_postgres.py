@@ -12,7 +12,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -58,12 +58,26 @@ def pg_store(pg_settings: Settings) -> Iterator[Store]:
     opened.engine.dispose()
 
 
+@pytest.fixture
+def make_runner(pg_settings: Settings) -> Iterator[Callable[[], Runner]]:
+    """Runners on the test's schema, their database connections closed at the end."""
+    made: list[Runner] = []
+
+    def make() -> Runner:
+        made.append(Runner(pg_settings))
+        return made[-1]
+
+    yield make
+    for runner in made:
+        runner.store.engine.dispose()
+
+
 def submit(store: Store, settings: Settings, spec: dict[str, Any]) -> Job:
     return submit_job(store=store, settings=settings, spec=parse_spec(spec))
 
 
 def run_until_finished(
-    runners: list[Runner], store: Store, ids: list[str], timeout: float = 300
+    runners: list[Runner], store: Store, ids: list[str], timeout: float = 420
 ) -> list[Job]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -73,7 +87,8 @@ def run_until_finished(
         for runner in runners:
             runner.tick()
         time.sleep(0.2)
-    raise AssertionError(f"jobs {ids} did not finish in {timeout:.0f}s")
+    states = {job_id: (job.status, job.error) for job_id in ids if (job := store.get_job(job_id))}
+    raise AssertionError(f"jobs did not finish in {timeout:.0f}s: {states}")
 
 
 def started_attempts(store: Store, job_id: str) -> int:
@@ -81,7 +96,10 @@ def started_attempts(store: Store, job_id: str) -> int:
 
 
 def test_job_routes_and_runner_work_on_postgresql(
-    pg_settings: Settings, pg_store: Store, tiny_model_dir: Path
+    pg_settings: Settings,
+    pg_store: Store,
+    tiny_model_dir: Path,
+    make_runner: Callable[[], Runner],
 ) -> None:
     set_services(Services(pg_settings, pg_store, predictor=None, metrics=None))
     spec = tiny_spec(tiny_model_dir, REVIEWS, model_name="on-postgres")
@@ -95,7 +113,7 @@ def test_job_routes_and_runner_work_on_postgresql(
         assert http.post(f"/v1/jobs/{queued['id']}/cancel").json()["status"] == "CANCELLED"
 
         job_id = created.json()["id"]
-        run_until_finished([Runner(pg_settings)], pg_store, [job_id])
+        run_until_finished([make_runner()], pg_store, [job_id])
         job = http.get(f"/v1/jobs/{job_id}").json()
         assert (job["status"], job["attempts"], job["model_version"]) == ("SUCCEEDED", 1, 1)
         epochs = http.get(f"/v1/jobs/{job_id}/metrics").json()["epochs"]
@@ -108,11 +126,14 @@ def test_job_routes_and_runner_work_on_postgresql(
 
 
 def test_two_runners_never_start_the_same_job(
-    pg_settings: Settings, pg_store: Store, tiny_model_dir: Path
+    pg_settings: Settings,
+    pg_store: Store,
+    tiny_model_dir: Path,
+    make_runner: Callable[[], Runner],
 ) -> None:
     spec = tiny_spec(tiny_model_dir, REVIEWS, model_name="raced", hyperparameters={"epochs": 1})
     ids = [submit(pg_store, pg_settings, spec).id for _ in range(4)]
-    runners = [Runner(pg_settings), Runner(pg_settings)]
+    runners = [make_runner(), make_runner()]
     barrier = threading.Barrier(len(runners))
     claimed: list[set[str]] = []
     lock = threading.Lock()
@@ -138,7 +159,10 @@ def test_two_runners_never_start_the_same_job(
 
 
 def test_data_errors_fail_at_once_without_retries(
-    pg_settings: Settings, pg_store: Store, tiny_model_dir: Path
+    pg_settings: Settings,
+    pg_store: Store,
+    tiny_model_dir: Path,
+    make_runner: Callable[[], Runner],
 ) -> None:
     data_root = pg_settings.resolved_data_root()
     rows = read_sentiment("amazon").iloc[:120]
@@ -149,7 +173,7 @@ def test_data_errors_fail_at_once_without_retries(
     (data_root / "deleted.csv").unlink()
     rows.drop(columns="label").to_csv(data_root / "unlabelled.csv", index=False)
 
-    jobs = run_until_finished([Runner(pg_settings)], pg_store, [deleted.id, unlabelled.id])
+    jobs = run_until_finished([make_runner()], pg_store, [deleted.id, unlabelled.id])
     for job, quoted in zip(jobs, ("deleted.csv", "'label'"), strict=True):
         assert (job.status, job.error_code, job.attempts) == (JobStatus.FAILED, "data", 1)
         assert job.error is not None and quoted in job.error
@@ -159,11 +183,14 @@ def test_data_errors_fail_at_once_without_retries(
 
 
 def test_a_dying_job_process_is_retried_up_to_the_limit_then_fails(
-    pg_settings: Settings, pg_store: Store, tiny_model_dir: Path
+    pg_settings: Settings,
+    pg_store: Store,
+    tiny_model_dir: Path,
+    make_runner: Callable[[], Runner],
 ) -> None:
     spec = tiny_spec(tiny_model_dir, REVIEWS, model_name="doomed", hyperparameters={"epochs": 50})
     job_id = submit(pg_store, pg_settings, spec).id
-    runner = Runner(pg_settings)
+    runner = make_runner()
     killed: list[int] = []
     deadline = time.monotonic() + 300
     while not JobStatus(pg_store.get_job(job_id).status).finished:
