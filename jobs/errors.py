@@ -80,3 +80,9 @@ class Overloaded(TuneloopError):
     """The service is at capacity; try again later."""
 
     code = "overloaded"
+
+
+class MemoryLimitExceeded(TuneloopError):
+    """A training worker's resident memory went over the job's ``limits.memory_mb``."""
+
+    code = "memory_limit"

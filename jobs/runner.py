@@ -3,8 +3,9 @@
 Each job runs in its own detached ``JobProcess`` actor, which drives a Ray Train
 ``TorchTrainer`` and writes the job's terminal status itself. The runner claims jobs, starts
 and stops those processes, and notices the ones that died. The store is the source of truth,
-so a restarted runner picks up where the last one stopped: a job whose process is gone goes
-back to the queue and resumes from its last checkpoint.
+so a restarted runner picks up where the last one stopped: it adopts the processes still
+running, and a job whose process is gone goes back to the queue and resumes from its last
+checkpoint. The runner also stops and fails a job that breaks its ``limits``.
 """
 
 from __future__ import annotations
@@ -31,13 +32,14 @@ from jobs.data import (
     labelled_rows,
     read_table,
 )
-from jobs.errors import TuneloopError
+from jobs.errors import NotFound, TuneloopError
+from jobs.failures import Failure, FailureCode, classify, first_line, limit_breach
 from jobs.model import resolve_base_model
 from jobs.registry import Registry
-from jobs.search import run_search
+from jobs.search import PlacementJanitor, placement_folder, run_search, search_dir
 from jobs.settings import Settings
 from jobs.spec import JobSpec, StrategyKind
-from jobs.store import Job, JobStatus, Store
+from jobs.store import Job, JobStatus, Store, utcnow
 from jobs.train import (
     EVAL_FILE,
     WEIGHTS_FILE,
@@ -50,11 +52,11 @@ log = logging.getLogger(__name__)
 
 NAMESPACE = "tuneloop"
 RUNNER_NAME = "tuneloop-runner"
-MAX_ATTEMPTS = 3
+JOB_PROCESS_PREFIX = "tuneloop-job-"
 
 
 def job_process_name(job_id: str) -> str:
-    return f"tuneloop-job-{job_id}"
+    return f"{JOB_PROCESS_PREFIX}{job_id}"
 
 
 def feature_cache_key(base_dir: Path, data: PreparedData, max_length: int) -> str:
@@ -88,6 +90,7 @@ def build_trainer(
         val_texts=data.validation.texts,
         val_labels=data.label_ids(data.validation),
         feature_cache=cache,
+        placement_record=str(job_placement_folder(settings, job.id) / "workers"),
     )
     resources = spec.resources
     per_worker = {"CPU": resources.cpus_per_worker}
@@ -114,6 +117,22 @@ def build_trainer(
     return trainer, data, base_dir
 
 
+def job_placement_folder(settings: Settings, job_id: str) -> Path:
+    return settings.checkpoints_dir() / "placement" / job_id
+
+
+def remove_placement_groups(settings: Settings, job_id: str) -> None:
+    """Give back the CPUs of a job whose process was killed or died.
+
+    The trainer in that process is gone with it, before it could release its workers'
+    placement group, and Ray notices a dead trainer only through its State API, which needs
+    the dashboard (see PlacementJanitor). The job's workers and a search's trials record
+    their groups' ids, so the runner removes them.
+    """
+    PlacementJanitor(job_id, job_placement_folder(settings, job_id)).remove_all()
+    PlacementJanitor(job_id, placement_folder(search_dir(settings, job_id))).remove_all()
+
+
 @ray.remote(num_cpus=0, max_restarts=0, max_concurrency=4)
 class JobProcess:
     """Runs one job to its end, from the moment it is created, and records how it ended.
@@ -135,12 +154,12 @@ class JobProcess:
     def run(self) -> None:
         try:
             self._run()
-        except TuneloopError as exc:
-            self.store.transition(self.job_id, JobStatus.FAILED, error=exc.message)
         except Exception as exc:  # the job fails; the process must still report why
-            self.store.append_log(self.job_id, "ERROR", traceback.format_exc())
+            if not isinstance(exc, TuneloopError):
+                self.store.append_log(self.job_id, "ERROR", traceback.format_exc())
+            failure = classify(exc)
             self.store.transition(
-                self.job_id, JobStatus.FAILED, error=f"{type(exc).__name__}: {exc}"
+                self.job_id, JobStatus.FAILED, error=failure.reason, error_code=failure.code
             )
 
     def _run(self) -> None:
@@ -256,6 +275,7 @@ class Runner:
 
     def recover(self) -> None:
         """Adopt or requeue jobs the store says are running, after a restart of the runner."""
+        self.remove_finished_processes()
         for job in self.store.list_jobs(status=JobStatus.RUNNING, limit=10_000):
             try:
                 actor = ray.get_actor(job_process_name(job.id), namespace=NAMESPACE)
@@ -265,9 +285,25 @@ class Runner:
             self.processes[job.id] = (actor, actor.wait.remote())
             log.info("job %s: adopted its running process", job.id)
 
+    def remove_finished_processes(self) -> None:
+        """Kill the processes of jobs that finished while no runner was there to reap them."""
+        for entry in ray.util.list_named_actors(all_namespaces=True):
+            name = entry["name"]
+            if entry["namespace"] != NAMESPACE or not name.startswith(JOB_PROCESS_PREFIX):
+                continue
+            job_id = name.removeprefix(JOB_PROCESS_PREFIX)
+            try:
+                finished = JobStatus(self.store.get_job(job_id).status).finished
+            except NotFound:  # another tuneloop's job, on a database of its own
+                continue
+            if finished:
+                ray.kill(ray.get_actor(name, namespace=NAMESPACE), no_restart=True)
+                log.info("job %s: removed the process it left behind", job_id)
+
     def tick(self) -> None:
         self.reap()
         self.cancel_requested()
+        self.enforce_limits()
         self.schedule()
 
     def reap(self) -> None:
@@ -298,6 +334,7 @@ class Runner:
                 continue
             ray.kill(actor, no_restart=True)
             del self.processes[job_id]
+            remove_placement_groups(self.settings, job_id)
             self.store.append_log(
                 job_id,
                 "WARNING",
@@ -305,6 +342,28 @@ class Runner:
                 f"{self.settings.cancel_grace_seconds:g}s; process killed",
             )
             self.store.transition(job_id, JobStatus.CANCELLED)
+
+    def enforce_limits(self) -> None:
+        """Stop and fail running jobs that are past their deadline or have stopped progressing."""
+        now = utcnow()
+        for job_id in list(self.processes):
+            breach = limit_breach(
+                self.store.get_job(job_id), now, self.settings.job_startup_seconds
+            )
+            if breach is not None:
+                self._fail(job_id, breach)
+
+    def _fail(self, job_id: str, failure: Failure) -> None:
+        """Kill a job's process and record why; killing it ends its trainer and workers, which
+        gives their CPUs back. The process goes first, so that it cannot finish the job after
+        it was failed."""
+        actor, _ = self.processes.pop(job_id)
+        self._cancel_seen.pop(job_id, None)
+        ray.kill(actor, no_restart=True)
+        remove_placement_groups(self.settings, job_id)
+        self.store.transition(
+            job_id, JobStatus.FAILED, error=failure.reason, error_code=failure.code
+        )
 
     def schedule(self) -> None:
         free_slots = self.settings.max_running_jobs - len(self.processes)
@@ -369,19 +428,24 @@ class Runner:
         job = self.store.get_job(job_id)
         if job.status != JobStatus.RUNNING:
             return
+        remove_placement_groups(self.settings, job_id)
+        attempts = self.settings.max_job_attempts
         if job.cancel_requested:
             self.store.transition(job_id, JobStatus.CANCELLED)
-        elif job.attempts < MAX_ATTEMPTS:
+        elif job.attempts < attempts:
             self.store.append_log(
                 job_id,
                 "WARNING",
                 f"{reason}; requeued to resume from its "
-                f"last checkpoint (attempt {job.attempts} of {MAX_ATTEMPTS})",
+                f"last checkpoint (attempt {job.attempts} of {attempts})",
             )
             self.store.transition(job_id, JobStatus.PENDING)
         else:
             self.store.transition(
-                job_id, JobStatus.FAILED, error=f"{reason}; gave up after {job.attempts} attempts"
+                job_id,
+                JobStatus.FAILED,
+                error=f"{reason}; gave up after {job.attempts} attempts",
+                error_code=FailureCode.INFRASTRUCTURE,
             )
 
     def run_forever(self) -> None:
@@ -404,11 +468,6 @@ def demand(spec: JobSpec) -> tuple[float, float]:
         resources.workers * resources.cpus_per_worker,
         resources.workers * resources.gpus_per_worker,
     )
-
-
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:500] if text else type(exc).__name__
 
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_concurrency=4)

@@ -273,7 +273,11 @@ def trial_trainer(
     )
     return TorchTrainer(
         trial_loop_per_worker,
-        train_loop_config={**trainer.train_loop_config, PLACEMENT_KEY: str(record)},
+        train_loop_config={
+            **trainer.train_loop_config,
+            "placement_record": None,  # each trial records its own group, below
+            PLACEMENT_KEY: str(record),
+        },
         scaling_config=trainer.scaling_config,
         run_config=run,
     )

@@ -43,6 +43,14 @@ class Settings(BaseSettings):
     max_worker_failures: int = Field(
         default=2, ge=0, description="Worker-group restarts from a checkpoint before a job fails."
     )
+    max_job_attempts: int = Field(
+        default=3, ge=1, description="Starts of a job whose process dies before it fails."
+    )
+    job_startup_seconds: float = Field(
+        default=300,
+        gt=0,
+        description="Time a started job's workers get to report before it counts as stalled.",
+    )
     cancel_grace_seconds: float = Field(
         default=60, ge=0, description="Time a cancelled job's workers get to stop cleanly."
     )

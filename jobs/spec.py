@@ -127,6 +127,35 @@ class Resources(Strict):
     gpus_per_worker: float = Field(default=0.0, ge=0, le=8)
 
 
+class Limits(Strict):
+    """When a running job is stopped and failed instead of being left to run.
+
+    Both clocks restart with each attempt. Progress is a heartbeat from the job's training
+    workers: at their start, during an epoch at least every few seconds, and at each epoch's
+    end. Until the workers first report, the runner allows the longer of
+    ``no_progress_seconds`` and its own start-up allowance (``TUNELOOP_JOB_STARTUP_SECONDS``).
+    """
+
+    timeout_seconds: float = Field(
+        default=24 * 3600,
+        gt=0,
+        le=7 * 24 * 3600,
+        description="Wall-clock seconds an attempt may run, from its start; a week at most.",
+    )
+    no_progress_seconds: float = Field(
+        default=900,
+        ge=5,
+        le=24 * 3600,
+        description="Seconds without a worker heartbeat before the job is deemed stalled.",
+    )
+    memory_mb: int | None = Field(
+        default=None,
+        ge=64,
+        le=4 * 1024 * 1024,
+        description="Resident memory each training worker may use, in MiB; unlimited if unset.",
+    )
+
+
 SEARCHABLE = frozenset(
     {
         "hyperparameters.encoder_lr",
@@ -309,6 +338,7 @@ class JobSpec(Strict):
     strategy: Strategy = Strategy()
     hyperparameters: Hyperparameters = Hyperparameters()
     resources: Resources = Resources()
+    limits: Limits = Limits()
     serving: Serving = Serving()
     monitoring: Monitoring = Monitoring()
     search: Search | None = None

@@ -101,6 +101,9 @@ class Job(Base):
     status: Mapped[str] = mapped_column(String(16), index=True, default=JobStatus.PENDING)
     trigger: Mapped[str] = mapped_column(String(16), default="user")
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    error_code: Mapped[str | None] = mapped_column(
+        String(32), nullable=True, doc="What kind of failure ended the job (jobs/failures.py)."
+    )
     result: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     dataset_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
     parent_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
@@ -368,6 +371,7 @@ class Store:
         to: JobStatus,
         *,
         error: str | None = None,
+        error_code: str | None = None,
         result: dict[str, Any] | None = None,
         model_version: int | None = None,
     ) -> bool:
@@ -388,6 +392,8 @@ class Store:
             values["started_at"] = None
         if error is not None:
             values["error"] = error
+        if error_code is not None:
+            values["error_code"] = error_code
         if result is not None:
             values["result"] = result
         if model_version is not None:

@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import random
+import resource
 import tempfile
 import time
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from transformers import PreTrainedTokenizerBase, get_linear_schedule_with_warmup
 
+from jobs.errors import MemoryLimitExceeded
 from jobs.model import (
     TransferClassifier,
     apply_strategy,
@@ -52,6 +54,9 @@ ENCODE_BATCH = 64
 # Workers look for a cancel request this often, and always between epochs. Stopping at a step
 # that every rank agrees on lets the trainer shut down cleanly and release its resources.
 CANCEL_CHECK_STEPS = 20
+# Rank 0 stamps the job's heartbeat at most this often during an epoch, and at every epoch's
+# end: the runner's evidence that training progresses (see Limits.no_progress_seconds).
+HEARTBEAT_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -68,6 +73,7 @@ class TrainingInput:
     val_texts: list[str]
     val_labels: list[int]
     feature_cache: str | None = None
+    placement_record: str | None = None
 
     @property
     def job_spec(self) -> JobSpec:
@@ -128,6 +134,23 @@ def encode_features(
     return torch.cat(chunks)
 
 
+def peak_resident_mib() -> float:
+    """The most resident memory this process has held, in MiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def record_placement_group(record: Path) -> None:
+    """Write the id of this worker group's placement group, for the runner to remove should it
+    have to kill the job's process (see jobs.runner.remove_placement_groups)."""
+    group = ray.util.get_current_placement_group()
+    if group is None:
+        return
+    record.parent.mkdir(parents=True, exist_ok=True)
+    partial = record.with_name(f".{record.name}.{os.getpid()}")
+    partial.write_text(group.id.hex())
+    os.replace(partial, record)
+
+
 def classification_metrics(
     labels: list[int], predictions: list[int], num_labels: int
 ) -> dict[str, Any]:
@@ -159,7 +182,33 @@ class Worker:
         self.cancelled = False
         self.frozen_encoder = self.spec.strategy.kind is StrategyKind.FEATURE_EXTRACTION
         self.loss_fn = nn.CrossEntropyLoss()
-        self.rng = random.Random(self.hp.seed + self.rank)
+        self.memory_limit = self.spec.limits.memory_mb
+        self.last_heartbeat = -math.inf
+
+    def heartbeat(self, *, now: bool = False) -> None:
+        """Tell the runner the job progresses; rank 0 speaks for the group, as a rank that
+        hangs holds the others at their next collective step."""
+        clock = time.monotonic()
+        if self.rank == 0 and (now or clock - self.last_heartbeat >= HEARTBEAT_SECONDS):
+            self.store.heartbeat(self.job.job_id)
+            self.last_heartbeat = clock
+
+    def check_memory(self) -> None:
+        """Fail the worker once its peak resident memory passes ``limits.memory_mb``.
+
+        The peak counts spikes inside a step too. A step that allocates far past the node's
+        memory is ended by the kernel or Ray's memory monitor first; jobs/failures.py names
+        that reason.
+        """
+        if self.memory_limit is None:
+            return
+        peak = peak_resident_mib()
+        if peak > self.memory_limit:
+            raise MemoryLimitExceeded(
+                f"resident memory reached {peak:.0f} MiB, over its limits.memory_mb of "
+                f"{self.memory_limit}",
+                field="limits.memory_mb",
+            )
 
     def log(self, message: str) -> None:
         if self.rank == 0:
@@ -177,8 +226,9 @@ class Worker:
         return self.cancelled
 
     def run(self) -> None:
-        if self.rank == 0:
-            self.store.heartbeat(self.job.job_id)  # tells the runner this job's workers are up
+        self.heartbeat(now=True)  # tells the runner this job's workers are up
+        if self.rank == 0 and self.job.placement_record is not None:
+            record_placement_group(Path(self.job.placement_record))
         threads = max(1, int(self.spec.resources.cpus_per_worker))
         torch.set_num_threads(threads)
         seed_everything(self.hp.seed)
@@ -195,6 +245,7 @@ class Worker:
             val_x = tokenize(self.tokenizer, self.job.val_texts, self.hp.max_length)
             trained = self.model
         self.val_x = val_x
+        self.check_memory()
         self.trained = ray.train.torch.prepare_model(trained)
         self.optimizer = torch.optim.AdamW(parameter_groups(self.model, self.hp))
         steps_per_epoch = math.ceil(
@@ -264,6 +315,10 @@ class Worker:
         stopping = self.hp.early_stopping
         metric, _ = selection_metric(self.spec)
         for epoch in range(progress.epoch + 1, self.hp.epochs + 1):
+            # Each epoch draws its own random numbers (dropout, augmentation), so a run resumed
+            # from a checkpoint trains exactly as one never interrupted.
+            seed_everything(self.hp.seed + epoch)
+            self.rng = random.Random(f"{self.hp.seed}:{self.rank}:{epoch}")
             if self.hp.augmentation is not None and not self.frozen_encoder:
                 train_x = self.augmented_inputs(self.hp.augmentation)
             loader = self.loader(train_x)
@@ -314,6 +369,8 @@ class Worker:
             loss.backward()
             self.optimizer.step()
             self.scheduler.step()
+            self.heartbeat()
+            self.check_memory()
             total_loss += float(loss.detach()) * len(labels)
             samples += len(labels)
         return total_loss / max(samples, 1), samples
@@ -349,7 +406,7 @@ class Worker:
             ray.train.report(metrics, checkpoint=None)
             return
         self.store.record_epoch(self.job.job_id, epoch, metrics)
-        self.store.heartbeat(self.job.job_id)
+        self.heartbeat(now=True)
         shown = " ".join(
             f"{key}={metrics[key]:.4f}"
             for key in ("train_loss", "val_loss", "val_accuracy", "val_f1")

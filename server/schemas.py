@@ -24,6 +24,7 @@ class JobOut(Out):
     trigger: str
     spec: dict[str, Any]
     error: str | None
+    error_code: str | None
     result: dict[str, Any] | None
     model_version: int | None
     parent_version: int | None
