@@ -80,3 +80,9 @@ class Overloaded(TuneloopError):
     """The service is at capacity; try again later."""
 
     code = "overloaded"
+
+
+class UrlRefused(TuneloopError):
+    """A URL to fetch from is refused: its scheme, or an address it resolves to."""
+
+    code = "url_refused"

@@ -9,15 +9,18 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Body, FastAPI, File, Form, Header, Query, Request, UploadFile
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
+from ray.serve.exceptions import BackPressureError
 
 from jobs.data import DataCatalog
-from jobs.errors import TooLarge
+from jobs.errors import Overloaded, TooLarge
 from jobs.settings import Settings
 from jobs.spec import JobSpec, parse_spec
 from jobs.store import Feedback, JobStatus, Store
 from jobs.submission import submit_job
 from server.errors import install_error_handlers
+from server.limits import BodyLimit, BodyLimits
 from server.schemas import (
+    DatasetImportIn,
     DatasetList,
     DatasetOut,
     DriftReportList,
@@ -64,6 +67,12 @@ def services(_: Request) -> Services:
     if _services is None:
         raise RuntimeError("the API's services were not set up; set_services was never called")
     return _services
+
+
+def body_limits() -> BodyLimits:
+    """The body limits of this replica's settings; the defaults until the services are set."""
+    settings = _services.settings if _services is not None else Settings()
+    return BodyLimits(json_bytes=settings.max_json_bytes, upload_bytes=settings.max_upload_bytes)
 
 
 def run_blocking(function: Any, /, *args: Any, **kwargs: Any) -> Any:
@@ -166,6 +175,13 @@ async def upload_dataset(
     return DatasetOut.of(dataset)
 
 
+@router.post("/datasets/import", status_code=201, response_model=DatasetOut, tags=["datasets"])
+async def import_dataset(request: Request, body: DatasetImportIn) -> DatasetOut:
+    """Fetch a dataset from an https URL; private, loopback and metadata addresses are refused."""
+    catalog = services(request).catalog
+    return DatasetOut.of(await run_blocking(catalog.import_url, body.url, name=body.name))
+
+
 @router.get("/datasets", response_model=DatasetList, tags=["datasets"])
 async def list_datasets(request: Request) -> DatasetList:
     datasets = await run_blocking(services(request).store.list_datasets)
@@ -241,7 +257,12 @@ async def drift_report_document(
 
 @router.post("/models/{name}/predict", response_model=PredictOut, tags=["models"])
 async def predict(request: Request, name: str, body: PredictIn) -> PredictOut:
-    result = await services(request).predictor.predict.remote(name, body.inputs)
+    try:
+        result = await services(request).predictor.predict.remote(name, body.inputs)
+    except BackPressureError as exc:
+        raise Overloaded(
+            f"the predictor is at capacity ({exc.message}); retry after the Retry-After seconds"
+        ) from None
     return PredictOut.model_validate(result)
 
 
@@ -268,6 +289,7 @@ def build_api() -> FastAPI:
         description="Fine-tuning jobs, model versions and predictions.",
     )
     install_error_handlers(app)
+    app.add_middleware(BodyLimit, limits=body_limits)
     app.include_router(router)
     app.include_router(operations)
     return app

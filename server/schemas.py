@@ -117,6 +117,16 @@ class DatasetOut(Out):
         return cls.model_validate(dataset)
 
 
+class DatasetImportIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    url: str = Field(
+        min_length=1,
+        max_length=2048,
+        description="An https URL of a CSV, JSONL or Parquet file; its name gives the format.",
+    )
+    name: str | None = Field(default=None, max_length=255)
+
+
 class DatasetList(BaseModel):
     datasets: list[DatasetOut]
 
