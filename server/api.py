@@ -20,6 +20,7 @@ from jobs.submission import submit_job
 from server.errors import install_error_handlers
 from server.limits import BodyLimit, BodyLimits
 from server.schemas import (
+    MAX_SQL_INT,
     DatasetImportIn,
     DatasetList,
     DatasetOut,
@@ -134,7 +135,7 @@ async def cancel_job(request: Request, job_id: str) -> JobOut:
 async def job_log(
     request: Request,
     job_id: str,
-    after: Annotated[int, Query(ge=0)] = 0,
+    after: Annotated[int, Query(ge=0, le=MAX_SQL_INT)] = 0,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
 ) -> JobLogOut:
     store = services(request).store

@@ -162,9 +162,13 @@ class ModelList(BaseModel):
     models: list[ModelOut]
 
 
+# The largest integer every supported database stores in an integer column (PostgreSQL's).
+MAX_SQL_INT = 2**31 - 1
+
+
 class PromoteIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    version: int = Field(ge=1)
+    version: int = Field(ge=1, le=MAX_SQL_INT)
 
 
 class PredictIn(BaseModel):
