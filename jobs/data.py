@@ -12,6 +12,7 @@ import io
 import json
 import logging
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
@@ -21,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from jobs.errors import DatasetInvalid, NotFound, PathRefused, TooLarge
+from jobs.remote import fetch
 from jobs.settings import Settings
 from jobs.spec import DataSpec
 from jobs.store import Dataset, Store, new_id
@@ -253,6 +255,18 @@ class DataCatalog:
         (target.parent / "meta.json").write_text(json.dumps({"filename": filename}))
         log.info("dataset %s: stored %r, %d rows, %d bytes", dataset_id, filename, len(frame), size)
         return self.store.add_dataset(dataset)
+
+    def import_url(self, url: str, *, name: str | None = None) -> Dataset:
+        """Fetch a dataset from an http(s) URL through the guard in jobs/remote.py and store it
+        like an upload; the URL's file name gives the format."""
+        with tempfile.TemporaryDirectory(dir=self.settings.uploads_dir()) as folder:
+            download = Path(folder) / "download"
+            filename = fetch(url, self.settings, download)
+            with download.open("rb") as stream:
+                try:
+                    return self.save_upload(stream, filename, name=name or url)
+                except DatasetInvalid as exc:
+                    raise DatasetInvalid(exc.message, field="url") from None
 
     def _copy_limited(self, stream: BinaryIO, target: Path) -> tuple[int, str]:
         limit = self.settings.max_upload_bytes

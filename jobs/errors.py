@@ -86,3 +86,9 @@ class MemoryLimitExceeded(TuneloopError):
     """A training worker's resident memory went over the job's ``limits.memory_mb``."""
 
     code = "memory_limit"
+
+
+class UrlRefused(TuneloopError):
+    """A URL to fetch from is refused: its scheme, or an address it resolves to."""
+
+    code = "url_refused"

@@ -60,11 +60,27 @@ class Settings(BaseSettings):
     )
     runner_poll_seconds: float = Field(default=1.0, gt=0)
     max_upload_bytes: int = Field(default=100 * 1024 * 1024, ge=1)
+    max_json_bytes: int = Field(
+        default=1024 * 1024, ge=1, description="Largest request body that is not an upload."
+    )
+    remote_data_allow_http: bool = Field(
+        default=False, description="Whether datasets may be imported over plain http."
+    )
+    remote_data_allowed_hosts: list[str] = Field(
+        default=[],
+        description="HOST:PORT pairs datasets may be imported from even though they resolve to "
+        "private or loopback addresses, such as an internal mirror.",
+    )
     predictor_cpus: float = Field(
         default=0.5, ge=0, description="CPUs reserved for each predictor replica."
     )
     predict_max_batch_size: int = Field(default=32, ge=1)
     predict_batch_wait_seconds: float = Field(default=0.005, ge=0)
+    predict_max_queued_requests: int = Field(
+        default=64,
+        ge=1,
+        description="Predictions waiting for a predictor replica before more are refused with 503.",
+    )
     log_format: str = Field(default="text", pattern="^(text|json)$")
     log_level: str = "INFO"
     # Excluded from dumps, so a token never travels in the Serve config, where anyone who can

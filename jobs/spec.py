@@ -28,6 +28,9 @@ from jobs.errors import SpecInvalid
 MODEL_NAME_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"
 HUB_REFERENCE = re.compile(r"^hub:(?P<repo>[\w.-]+/[\w.-]+)@(?P<revision>[0-9a-f]{40}|[\w.-]+)$")
 MAX_SPEC_BYTES = 64 * 1024
+# The deepest a real spec goes is five levels (search.space.PATH.choice[i]); the limit leaves
+# room and still stops documents that exhaust recursion in a parser or validator.
+MAX_SPEC_DEPTH = 16
 
 
 class Strict(BaseModel):
@@ -366,23 +369,75 @@ class JobSpec(Strict):
 
 def parse_spec(document: dict[str, Any]) -> JobSpec:
     """Validate a spec already decoded from JSON or YAML, naming the first field at fault."""
+    check_depth(document)
     try:
         return JobSpec.model_validate(document)
     except ValidationError as exc:
         raise spec_error(exc) from None
 
 
-def load_spec_text(text: str) -> JobSpec:
-    """Parse a spec written as YAML or JSON (JSON is YAML); YAML is read with the safe loader."""
+def check_depth(document: Any, limit: int = MAX_SPEC_DEPTH) -> None:
+    """Refuse a document nested deeper than ``limit``, walking it without recursion."""
+    pending: list[tuple[Any, int, str]] = [(document, 0, "")]
+    while pending:
+        value, depth, path = pending.pop()
+        if not isinstance(value, dict | list):
+            continue
+        if depth >= limit:
+            raise SpecInvalid(
+                f"{path or 'spec'}: nested deeper than {limit} levels; no spec field is",
+                field=path or None,
+            )
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        pending.extend((child, depth + 1, f"{path}.{key}".lstrip(".")) for key, child in items)
+
+
+class SpecLoader(yaml.SafeLoader):
+    """The safe YAML loader without aliases, and with a nesting limit.
+
+    An alias makes one node appear in many places: a few hundred bytes of nested aliases
+    (the "billion laughs") become a document of billions of values once anything walks it.
+    A spec never needs one. The composer recurses once per level, so depth is bounded here,
+    before Python's recursion limit is.
+    """
+
+    depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark
+            raise yaml.YAMLError(f"aliases (*name) are not allowed in a spec{mark}")
+        self.depth += 1
+        try:
+            if self.depth > MAX_SPEC_DEPTH:
+                mark = self.peek_event().start_mark
+                raise yaml.YAMLError(f"nested deeper than {MAX_SPEC_DEPTH} levels{mark}")
+            return super().compose_node(parent, index)  # type: ignore[no-untyped-call]
+        finally:
+            self.depth -= 1
+
+
+def load_spec_document(text: str) -> dict[str, Any]:
+    """Decode a spec written as YAML or JSON (JSON is YAML), refusing what could exhaust us."""
     if len(text.encode()) > MAX_SPEC_BYTES:
         raise SpecInvalid(f"spec is {len(text.encode())} bytes; the limit is {MAX_SPEC_BYTES}")
     try:
-        document = json.loads(text) if text.lstrip().startswith("{") else yaml.safe_load(text)
+        if text.lstrip().startswith("{"):
+            document = json.loads(text)
+        else:
+            document = yaml.load(text, Loader=SpecLoader)  # a SafeLoader, less aliases
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
         raise SpecInvalid(f"spec is not valid JSON or YAML: {exc}") from None
+    except RecursionError:
+        raise SpecInvalid(f"spec is nested deeper than {MAX_SPEC_DEPTH} levels") from None
     if not isinstance(document, dict):
         raise SpecInvalid(f"spec must be a mapping, got {type(document).__name__}")
-    return parse_spec(document)
+    return document
+
+
+def load_spec_text(text: str) -> JobSpec:
+    """Parse a spec written as YAML or JSON; YAML is read with the safe loader, less aliases."""
+    return parse_spec(load_spec_document(text))
 
 
 def spec_error(exc: ValidationError) -> SpecInvalid:

@@ -32,7 +32,7 @@ class TextEncoder:
             )
         self.model_dir = path
         self.max_length = max_length
-        self._tokenizer = AutoTokenizer.from_pretrained(path)
+        self._tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
         self._model = AutoModel.from_pretrained(path, use_safetensors=True, trust_remote_code=False)
         self._model.eval()
         logger.info("encoder %s: loaded, %d dimensions", path.name, self.dimension)

@@ -9,16 +9,20 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Body, FastAPI, File, Form, Header, Query, Request, UploadFile
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
+from ray.serve.exceptions import BackPressureError
 
 from jobs.data import DataCatalog
-from jobs.errors import TooLarge
+from jobs.errors import Overloaded, TooLarge
 from jobs.settings import Settings
 from jobs.spec import JobSpec, parse_spec
 from jobs.store import ApiToken, Feedback, JobStatus, Store
 from jobs.submission import submit_job
 from server.auth import BearerAuth, document_scopes, expiry, issue_token
 from server.errors import install_error_handlers
+from server.limits import BodyLimit, BodyLimits
 from server.schemas import (
+    MAX_SQL_INT,
+    DatasetImportIn,
     DatasetList,
     DatasetOut,
     DriftReportList,
@@ -75,6 +79,12 @@ def find_token(token_id: str) -> ApiToken | None:
     if _services is None:
         raise RuntimeError("the API's services were not set up; set_services was never called")
     return _services.store.find_token(token_id)
+
+
+def body_limits() -> BodyLimits:
+    """The body limits of this replica's settings; the defaults until the services are set."""
+    settings = _services.settings if _services is not None else Settings()
+    return BodyLimits(json_bytes=settings.max_json_bytes, upload_bytes=settings.max_upload_bytes)
 
 
 def run_blocking(function: Any, /, *args: Any, **kwargs: Any) -> Any:
@@ -136,7 +146,7 @@ async def cancel_job(request: Request, job_id: str) -> JobOut:
 async def job_log(
     request: Request,
     job_id: str,
-    after: Annotated[int, Query(ge=0)] = 0,
+    after: Annotated[int, Query(ge=0, le=MAX_SQL_INT)] = 0,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
 ) -> JobLogOut:
     store = services(request).store
@@ -175,6 +185,13 @@ async def upload_dataset(
         s.catalog.save_upload, file.file, file.filename or "upload", name=name
     )
     return DatasetOut.of(dataset)
+
+
+@router.post("/datasets/import", status_code=201, response_model=DatasetOut, tags=["datasets"])
+async def import_dataset(request: Request, body: DatasetImportIn) -> DatasetOut:
+    """Fetch a dataset from an https URL; private, loopback and metadata addresses are refused."""
+    catalog = services(request).catalog
+    return DatasetOut.of(await run_blocking(catalog.import_url, body.url, name=body.name))
 
 
 @router.get("/datasets", response_model=DatasetList, tags=["datasets"])
@@ -252,7 +269,12 @@ async def drift_report_document(
 
 @router.post("/models/{name}/predict", response_model=PredictOut, tags=["models"])
 async def predict(request: Request, name: str, body: PredictIn) -> PredictOut:
-    result = await services(request).predictor.predict.remote(name, body.inputs)
+    try:
+        result = await services(request).predictor.predict.remote(name, body.inputs)
+    except BackPressureError as exc:
+        raise Overloaded(
+            f"the predictor is at capacity ({exc.message}); retry after the Retry-After seconds"
+        ) from None
     return PredictOut.model_validate(result)
 
 
@@ -309,6 +331,7 @@ def build_api() -> FastAPI:
         swagger_ui_oauth2_redirect_url=None,
     )
     install_error_handlers(app)
+    app.add_middleware(BodyLimit, limits=body_limits)
     app.include_router(router)
     app.include_router(operations)
     document_scopes(app)

@@ -66,5 +66,10 @@ def build_app(args: dict[str, Any] | None = None) -> Any:
     """The Serve application; ``args`` override settings read from TUNELOOP_* variables."""
     settings = Settings.model_validate({**Settings().model_dump(), **(args or {})})
     document = settings.model_dump(mode="json")
-    predictor = Predictor.options(ray_actor_options={"num_cpus": settings.predictor_cpus})
+    # Bounded queue: past it the handle refuses at once (503 from the API) rather than holding
+    # every waiting request in memory.
+    predictor = Predictor.options(
+        ray_actor_options={"num_cpus": settings.predictor_cpus},
+        max_queued_requests=settings.predict_max_queued_requests,
+    )
     return ApiIngress.bind(predictor.bind(document), document)

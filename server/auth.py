@@ -220,6 +220,7 @@ SCOPES: dict[tuple[str, str], Scope] = {
     ("POST", "/v1/jobs"): Scope.SUBMIT,
     ("POST", "/v1/jobs/{job_id}/cancel"): Scope.SUBMIT,
     ("POST", "/v1/datasets"): Scope.SUBMIT,
+    ("POST", "/v1/datasets/import"): Scope.SUBMIT,
     ("POST", "/v1/models/{name}/predict"): Scope.SUBMIT,
     ("POST", "/v1/models/{name}/feedback"): Scope.SUBMIT,
     ("POST", "/v1/models/{name}/promote"): Scope.ADMIN,

@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import yaml
+
+from jobs.spec import load_spec_document
 
 FINISHED = {"SUCCEEDED", "FAILED", "CANCELLED"}
 
@@ -74,7 +75,7 @@ class Client:
         return dict(self._call("GET", "/healthz"))
 
     def submit(self, spec: dict[str, Any] | Path, *, idempotency_key: str | None = None) -> Any:
-        document = yaml.safe_load(spec.read_text()) if isinstance(spec, Path) else spec
+        document = load_spec_document(spec.read_text()) if isinstance(spec, Path) else spec
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         return self._call("POST", "/v1/jobs", json=document, headers=headers)
 

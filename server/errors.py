@@ -18,6 +18,7 @@ STATUS_BY_CODE = {
     "dataset_invalid": 422,
     "model_unavailable": 422,
     "path_refused": 400,
+    "url_refused": 400,
     "not_found": 404,
     "conflict": 409,
     "too_large": 413,
@@ -41,6 +42,12 @@ def validation_field(location: tuple[object, ...]) -> str:
     return ".".join(parts) or "body"
 
 
+def body_error(exc: StarletteHTTPException) -> str:
+    if isinstance(exc.__cause__, RecursionError):
+        return "body: the JSON is nested too deeply to decode"
+    return f"body: {exc.detail}"
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(TuneloopError)
     async def tuneloop_error(_: Request, exc: TuneloopError) -> JSONResponse:
@@ -57,11 +64,19 @@ def install_error_handlers(app: FastAPI) -> None:
         message = str(first.get("msg", "invalid")).removeprefix("Value error, ")
         if first.get("type") == "extra_forbidden":
             message = "unknown field; remove it or check its spelling"
+        if first.get("type") == "json_invalid":
+            # The location holds the character offset, which is no field.
+            field = "body"
+            reason = first.get("ctx", {}).get("error", "")
+            message = f"invalid JSON at character {first['loc'][-1]}: {reason}"
         return JSONResponse(error_body("request_invalid", f"{field}: {message}", field), 422)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        if exc.status_code == 400:
+            # FastAPI's answer to a body it could not decode at all.
+            return JSONResponse(error_body("request_invalid", body_error(exc), "body"), 400)
         return JSONResponse(error_body(code, str(exc.detail)), exc.status_code)
 
     @app.exception_handler(Exception)

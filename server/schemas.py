@@ -119,6 +119,16 @@ class DatasetOut(Out):
         return cls.model_validate(dataset)
 
 
+class DatasetImportIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    url: str = Field(
+        min_length=1,
+        max_length=2048,
+        description="An https URL of a CSV, JSONL or Parquet file; its name gives the format.",
+    )
+    name: str | None = Field(default=None, max_length=255)
+
+
 class DatasetList(BaseModel):
     datasets: list[DatasetOut]
 
@@ -154,9 +164,13 @@ class ModelList(BaseModel):
     models: list[ModelOut]
 
 
+# The largest integer every supported database stores in an integer column (PostgreSQL's).
+MAX_SQL_INT = 2**31 - 1
+
+
 class PromoteIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    version: int = Field(ge=1)
+    version: int = Field(ge=1, le=MAX_SQL_INT)
 
 
 class PredictIn(BaseModel):

@@ -1,5 +1,10 @@
 from __future__ import annotations
 
+import re
+import time
+from pathlib import Path
+from typing import Any
+
 import pytest
 
 from jobs.errors import SpecInvalid
@@ -75,3 +80,60 @@ def test_yaml_is_read_safely() -> None:
 def test_spec_that_is_not_a_mapping_is_refused() -> None:
     with pytest.raises(SpecInvalid, match="mapping"):
         load_spec_text("- a\n- b\n")
+
+
+BILLION_LAUGHS = "\n".join(
+    [
+        "model_name: reviews",
+        "data: {path: amazon.csv}",
+        'a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]',
+        *(
+            f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join([f'*{chr(97 + i)}'] * 9)}]"
+            for i in range(8)
+        ),
+    ]
+)
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        (BILLION_LAUGHS, "aliases (*name) are not allowed"),
+        ("model_name: reviews\ndata: &d {path: amazon.csv}\nx: *d\n", "aliases"),
+        ("model_name: " + "[" * 20_000, "nested deeper than 16 levels"),
+        ("- " * 1_000 + "x\n", "nested deeper than 16 levels"),
+        ('{"model_name": ' + "[" * 60_000, "nested deeper than 16 levels"),
+    ],
+    ids=["billion-laughs", "one-alias", "flow-nesting", "block-nesting", "json-nesting"],
+)
+def test_yaml_bombs_are_refused_quickly(text: str, reason: str) -> None:
+    started = time.perf_counter()
+    with pytest.raises(SpecInvalid, match=re.escape(reason)):
+        load_spec_text(text)
+    assert time.perf_counter() - started < 10
+
+
+def test_a_decoded_document_nested_too_deep_names_where(tmp_path: Path) -> None:
+    deep: object = "x"
+    for _ in range(40):
+        deep = {"k": deep}
+    with pytest.raises(SpecInvalid) as caught:
+        parse_spec({**MINIMAL, "data": {"path": "a.csv", "format": deep}})
+    assert caught.value.field == "data.format" + ".k" * 14
+    assert "nested deeper than 16 levels" in caught.value.message
+
+
+CODE_FIELDS = ["entrypoint", "runtime_env", "trust_remote_code", "pip", "working_dir"]
+
+
+@pytest.mark.parametrize("name", CODE_FIELDS)
+@pytest.mark.parametrize(
+    "where", ["", "data", "strategy", "hyperparameters", "resources", "serving", "monitoring"]
+)
+def test_no_spec_field_can_name_code(where: str, name: str) -> None:
+    document: dict[str, Any] = {**MINIMAL, "data": dict(MINIMAL["data"])}  # type: ignore[arg-type]
+    (document.setdefault(where, {}) if where else document)[name] = {"pip": ["x"]}
+    with pytest.raises(SpecInvalid) as caught:
+        parse_spec(document)
+    assert caught.value.field == f"{where}.{name}".lstrip(".")
+    assert caught.value.message.endswith("unknown field; remove it or check its spelling")
