@@ -263,6 +263,11 @@ class Worker:
     def train_epochs(self, train_x: Any, progress: Progress) -> None:
         stopping = self.hp.early_stopping
         metric, _ = selection_metric(self.spec)
+        # Its time stamp tells an operator (and the speed benchmark) when the first step ran.
+        self.log(
+            f"training from epoch {progress.epoch + 1}: {len(self.job.train_labels)} rows, "
+            f"batch size {self.hp.batch_size}, {self.world_size} worker(s)"
+        )
         for epoch in range(progress.epoch + 1, self.hp.epochs + 1):
             if self.hp.augmentation is not None and not self.frozen_encoder:
                 train_x = self.augmented_inputs(self.hp.augmentation)
