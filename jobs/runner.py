@@ -9,7 +9,6 @@ back to the queue and resumes from its last checkpoint.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import threading
@@ -32,6 +31,7 @@ from jobs.data import (
     read_table,
 )
 from jobs.errors import TuneloopError
+from jobs.features import cache_folder
 from jobs.model import resolve_base_model
 from jobs.registry import Registry
 from jobs.search import run_search
@@ -57,16 +57,6 @@ def job_process_name(job_id: str) -> str:
     return f"tuneloop-job-{job_id}"
 
 
-def feature_cache_key(base_dir: Path, data: PreparedData, max_length: int) -> str:
-    """Encoder outputs depend on the weights, the tokenizer, the texts and the max length."""
-    digest = hashlib.sha256()
-    for name in sorted(p.name for p in base_dir.iterdir() if p.is_file()):
-        stat = (base_dir / name).stat()
-        digest.update(f"{name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
-    digest.update(f"{data.sha256}:{max_length}".encode())
-    return digest.hexdigest()[:32]
-
-
 def build_trainer(
     job: Job, spec: JobSpec, settings: Settings
 ) -> tuple[TorchTrainer, PreparedData, Path]:
@@ -75,8 +65,8 @@ def build_trainer(
     data = catalog.load(spec.data, seed=spec.hyperparameters.seed)
     cache = None
     if spec.strategy.kind is StrategyKind.FEATURE_EXTRACTION:
-        key = feature_cache_key(base_dir, data, spec.hyperparameters.max_length)
-        cache = str(settings.cache_dir() / "features" / f"{key}.safetensors")
+        root = settings.cache_dir() / "features"
+        cache = str(cache_folder(root, base_dir, spec.hyperparameters.max_length))
     training = TrainingInput(
         job_id=job.id,
         spec=spec.to_document(),
