@@ -9,6 +9,7 @@ back to the queue and resumes from its last checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
@@ -241,6 +242,7 @@ class Runner:
         self.store = Store.open(settings.resolved_database_url())
         self.processes: dict[str, tuple[Any, ray.ObjectRef]] = {}
         self._stop = threading.Event()
+        self._wake = threading.Event()
         self._waiting_logged: set[str] = set()
         self._cancel_seen: dict[str, float] = {}
 
@@ -381,10 +383,16 @@ class Runner:
                 self.tick()
             except Exception:  # a bad tick must not stop the runner; the next one retries
                 log.exception("runner tick failed")
-            self._stop.wait(self.settings.runner_poll_seconds)
+            self._wake.wait(self.settings.runner_poll_seconds)
+            self._wake.clear()
+
+    def wake(self) -> None:
+        """Tick now rather than at the next poll: a job was just queued."""
+        self._wake.set()
 
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
 
 
 def demand(spec: JobSpec) -> tuple[float, float]:
@@ -419,6 +427,15 @@ class RunnerActor:
 
     def running_jobs(self) -> list[str]:
         return sorted(self.runner.processes)
+
+    def wake(self) -> None:
+        self.runner.wake()
+
+
+def wake_runner() -> None:
+    """Let the runner see a newly queued job at once; without a runner, it waits for one."""
+    with contextlib.suppress(ValueError):  # no runner yet: it reads the queue when it starts
+        ray.get_actor(RUNNER_NAME, namespace=NAMESPACE).wake.remote()
 
 
 def ensure_runner(settings: Settings) -> Any:

@@ -12,6 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from jobs.data import DataCatalog
 from jobs.errors import TooLarge
+from jobs.runner import wake_runner
 from jobs.settings import Settings
 from jobs.spec import JobSpec, parse_spec
 from jobs.store import Feedback, JobStatus, Store
@@ -95,6 +96,7 @@ async def create_job(
         spec=spec,
         idempotency_key=idempotency_key,
     )
+    await run_blocking(wake_runner)
     return JobOut.of(job)
 
 
