@@ -1,9 +1,8 @@
 """The training loop each Ray Train worker runs, and the metrics it reports.
 
 One loop serves every strategy. Feature extraction computes the frozen encoder's outputs once,
-caches them on disk keyed by model, data and tokenizer settings, and trains the head on them;
-the other strategies run the encoder in every step with the frozen part excluded from the
-optimizer. Rank 0 writes each epoch's metrics and a log line to the store, and a checkpoint
+caches them on disk text by text (jobs/features.py), and trains the head on them; the other
+strategies run the encoder in every step with the frozen part excluded from the optimizer. Rank 0 writes each epoch's metrics and a log line to the store, and a checkpoint
 that a restarted worker group resumes from.
 """
 
