@@ -346,6 +346,10 @@ class Runner:
         return cpu, gpu
 
     def _start(self, job_id: str) -> None:
+        # A fresh JobProcess per job costs a Python process importing torch, transformers and
+        # Ray Train: most of what a small job spends beyond a bare TorchTrainer (README, Speed).
+        # Keeping one such process started and handing it the next job would take that off the
+        # job's path; it needs the process's name, now the job's, to be found some other way.
         # Ray Train workers hand each report to a one-slot queue that the trainer's controller
         # empties when it polls, every 2 s by default: an epoch shorter than that would wait.
         poll = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": str(self.settings.train_poll_seconds)}

@@ -437,7 +437,11 @@ def frozen_encoder(bench: Bench) -> tuple[dict[str, Any], str]:
         speedup_first_job=walls["every_step"] / walls["cold"],
         job_seconds=walls,
         training_phase_seconds=phases,
-        cache_read=any("read from cache" in line.message for line in bench.store.read_log(warm.id)),
+        warm_job_log=[
+            line.message
+            for line in bench.store.read_log(warm.id)
+            if line.message.startswith("encoder outputs")
+        ],
     )
     return result, cached["model_name"]
 
@@ -645,7 +649,7 @@ def table(results: dict[str, Any]) -> str:
 def notes(results: dict[str, Any]) -> str:
     overhead = next(r for r in results["figures"] if "first_step" in r)
     latency = next(r for r in results["figures"] if "p50_ms" in r)
-    api = next(r for r in results["figures"] if "p99_ms" in r)
+    api = next(r for r in results["figures"] if r["figure"].startswith("API"))
     frozen = next(r for r in results["figures"] if "speedup" in r)
     host = results["machine"]
     return "\n".join(
