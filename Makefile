@@ -22,6 +22,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
+# Side-by-side speed figures; a table on stdout, the JSON in bench-results/speed.json.
+bench: $(STAMP)
+	$(BIN)/python -m tests.bench.bench_speed
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .

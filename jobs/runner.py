@@ -10,7 +10,7 @@ checkpoint. The runner also stops and fails a job that breaks its ``limits``.
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import json
 import logging
 import threading
@@ -34,6 +34,7 @@ from jobs.data import (
 )
 from jobs.errors import NotFound, TuneloopError
 from jobs.failures import Failure, FailureCode, classify, first_line, limit_breach
+from jobs.features import cache_folder
 from jobs.model import resolve_base_model
 from jobs.registry import Registry
 from jobs.search import PlacementJanitor, placement_folder, run_search, search_dir
@@ -59,16 +60,6 @@ def job_process_name(job_id: str) -> str:
     return f"{JOB_PROCESS_PREFIX}{job_id}"
 
 
-def feature_cache_key(base_dir: Path, data: PreparedData, max_length: int) -> str:
-    """Encoder outputs depend on the weights, the tokenizer, the texts and the max length."""
-    digest = hashlib.sha256()
-    for name in sorted(p.name for p in base_dir.iterdir() if p.is_file()):
-        stat = (base_dir / name).stat()
-        digest.update(f"{name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
-    digest.update(f"{data.sha256}:{max_length}".encode())
-    return digest.hexdigest()[:32]
-
-
 def build_trainer(
     job: Job, spec: JobSpec, settings: Settings
 ) -> tuple[TorchTrainer, PreparedData, Path]:
@@ -77,8 +68,8 @@ def build_trainer(
     data = catalog.load(spec.data, seed=spec.hyperparameters.seed)
     cache = None
     if spec.strategy.kind is StrategyKind.FEATURE_EXTRACTION:
-        key = feature_cache_key(base_dir, data, spec.hyperparameters.max_length)
-        cache = str(settings.cache_dir() / "features" / f"{key}.safetensors")
+        root = settings.cache_dir() / "features"
+        cache = str(cache_folder(root, base_dir, spec.hyperparameters.max_length))
     training = TrainingInput(
         job_id=job.id,
         spec=spec.to_document(),
@@ -270,6 +261,7 @@ class Runner:
         self.store = Store.open(settings.resolved_database_url())
         self.processes: dict[str, tuple[Any, ray.ObjectRef]] = {}
         self._stop = threading.Event()
+        self._wake = threading.Event()
         self._waiting_logged: set[str] = set()
         self._cancel_seen: dict[str, float] = {}
 
@@ -413,6 +405,10 @@ class Runner:
         return cpu, gpu
 
     def _start(self, job_id: str) -> None:
+        # A fresh JobProcess per job costs a Python process importing torch, transformers and
+        # Ray Train: most of what a small job spends beyond a bare TorchTrainer (README, Speed).
+        # Keeping one such process started and handing it the next job would take that off the
+        # job's path; it needs the process's name, now the job's, to be found some other way.
         # Ray Train workers hand each report to a one-slot queue that the trainer's controller
         # empties when it polls, every 2 s by default: an epoch shorter than that would wait.
         poll = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": str(self.settings.train_poll_seconds)}
@@ -455,10 +451,16 @@ class Runner:
                 self.tick()
             except Exception:  # a bad tick must not stop the runner; the next one retries
                 log.exception("runner tick failed")
-            self._stop.wait(self.settings.runner_poll_seconds)
+            self._wake.wait(self.settings.runner_poll_seconds)
+            self._wake.clear()
+
+    def wake(self) -> None:
+        """Tick now rather than at the next poll: a job was just queued."""
+        self._wake.set()
 
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
 
 
 def demand(spec: JobSpec) -> tuple[float, float]:
@@ -488,6 +490,15 @@ class RunnerActor:
 
     def running_jobs(self) -> list[str]:
         return sorted(self.runner.processes)
+
+    def wake(self) -> None:
+        self.runner.wake()
+
+
+def wake_runner() -> None:
+    """Let the runner see a newly queued job at once; without a runner, it waits for one."""
+    with contextlib.suppress(ValueError):  # no runner yet: it reads the queue when it starts
+        ray.get_actor(RUNNER_NAME, namespace=NAMESPACE).wake.remote()
 
 
 def ensure_runner(settings: Settings) -> Any:

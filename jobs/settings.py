@@ -74,6 +74,9 @@ class Settings(BaseSettings):
     predictor_cpus: float = Field(
         default=0.5, ge=0, description="CPUs reserved for each predictor replica."
     )
+    predictor_threads: int = Field(
+        default=1, ge=1, description="Torch threads each predictor replica computes with."
+    )
     predict_max_batch_size: int = Field(default=32, ge=1)
     predict_batch_wait_seconds: float = Field(default=0.005, ge=0)
     predict_max_queued_requests: int = Field(

@@ -127,7 +127,8 @@ class Hyperparameters(Strict):
 class Resources(Strict):
     workers: int = Field(default=1, ge=1, le=64)
     cpus_per_worker: float = Field(default=1.0, gt=0, le=64)
-    gpus_per_worker: float = Field(default=0.0, ge=0, le=8)
+    # A worker drives one device (DDP, one process per GPU); more GPUs means more workers.
+    gpus_per_worker: float = Field(default=0.0, ge=0, le=1)
 
 
 class Limits(Strict):

@@ -13,6 +13,7 @@ from ray.serve.exceptions import BackPressureError
 
 from jobs.data import DataCatalog
 from jobs.errors import Overloaded, TooLarge
+from jobs.runner import wake_runner
 from jobs.settings import Settings
 from jobs.spec import JobSpec, parse_spec
 from jobs.store import ApiToken, Feedback, JobStatus, Store
@@ -116,6 +117,7 @@ async def create_job(
         spec=spec,
         idempotency_key=idempotency_key,
     )
+    await run_blocking(wake_runner)
     return JobOut.of(job)
 
 

@@ -15,6 +15,7 @@ import time
 from collections import OrderedDict
 from typing import Any
 
+import torch
 from ray import serve
 
 from jobs.errors import NotFound, TuneloopError
@@ -96,6 +97,8 @@ class ModelCache:
 class Predictor:
     def __init__(self, settings: dict[str, Any]) -> None:
         self.settings = Settings.model_validate(settings)
+        # Ray would pick threads from the CPUs reserved, which are kept small so that jobs fit.
+        torch.set_num_threads(self.settings.predictor_threads)
         store = Store.open(self.settings.resolved_database_url(), upgrade=False)
         self.metrics = recorder()
         self.models = ModelCache(Registry(self.settings, store), PredictionLog(store, self.metrics))

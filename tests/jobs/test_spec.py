@@ -39,6 +39,7 @@ def test_yaml_and_json_give_the_same_spec() -> None:
         ({"runtime_env": {"pip": ["evil"]}}, "runtime_env"),
         ({"model_name": "Not Valid!"}, "model_name"),
         ({"resources": {"workers": 0}}, "resources.workers"),
+        ({"resources": {"gpus_per_worker": 2}}, "resources.gpus_per_worker"),
     ],
 )
 def test_invalid_field_is_named(change: dict[str, object], field: str) -> None:

@@ -25,8 +25,8 @@ from jobs.settings import Settings
 from jobs.spec import parse_spec
 from jobs.store import Job, JobStatus, Store
 from jobs.submission import submit_job
-from server.auth import Scope, issue_token
 from server.api import Services, build_api, set_services
+from server.auth import Scope, issue_token
 from tests.conftest import fresh_postgres_url, postgres_reachable, tiny_spec
 from tests.factories import read_sentiment
 
