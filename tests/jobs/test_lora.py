@@ -86,9 +86,7 @@ def test_lora_spec_defaults_suit_bert_like_encoders() -> None:
         ({"target_modules": ["query", "v; rm -rf"]}, "strategy.target_modules.1"),
     ],
 )
-def test_lora_fields_out_of_range_are_refused_by_name(
-    strategy: dict[str, Any], field: str
-) -> None:
+def test_lora_fields_out_of_range_are_refused_by_name(strategy: dict[str, Any], field: str) -> None:
     with pytest.raises(SpecInvalid) as caught:
         lora_spec(**strategy)
     assert caught.value.field == field
@@ -252,7 +250,9 @@ def test_a_version_whose_base_changed_is_refused(tiny_model_dir: Path, tmp_path:
     base = Path(shutil.copytree(tiny_model_dir, tmp_path / "base"))
     folder = save_version(lora_model(base), base, tmp_path / "v1")
     config = (base / "config.json").read_text()
-    (base / "config.json").write_text(config.replace('"hidden_act": "gelu"', '"hidden_act": "relu"'))
+    (base / "config.json").write_text(
+        config.replace('"hidden_act": "gelu"', '"hidden_act": "relu"')
+    )
     with pytest.raises(ModelUnavailable) as caught:
         Classifier(folder, bases=BasePool())
     assert caught.value.field == "base_model"
