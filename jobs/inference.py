@@ -1,23 +1,134 @@
-"""Loading a registered model folder and scoring texts with it, outside of training."""
+"""Loading a registered model folder and scoring texts with it, outside of training.
+
+LoRA versions of one base share that base in memory: a process holds one copy of each base
+model (by fingerprint) as long as a loaded version uses it, with every loaded version's
+adapters attached to it, and switches to a version's adapters for each forward pass. Switching
+costs nothing and an unmerged adapter adds two rank-r matrix products per adapted layer, where
+merging would need a copy of the base per version.
+"""
 
 from __future__ import annotations
 
+import itertools
+import threading
+import weakref
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
 import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from torch import nn
 
-from jobs.model import load_classifier
+from jobs.lora import quiet_peft
+from jobs.model import (
+    ADAPTER_DIR,
+    HEAD_FILE,
+    TransferClassifier,
+    is_lora_folder,
+    load_classifier,
+    load_encoder,
+    load_labels,
+    load_tokenizer,
+    lora_base,
+)
 
 INFERENCE_BATCH = 64
+
+
+class SharedBase:
+    """One base encoder in memory with the adapters of every loaded LoRA version attached."""
+
+    def __init__(self, folder: Path) -> None:
+        self.encoder = load_encoder(folder).eval()
+        self.tokenizer = load_tokenizer(folder)
+        self.peft: PeftModel | None = None
+        self.lock = threading.Lock()
+        self.retired: list[str] = []
+        self._names = itertools.count()
+
+    def attach(self, adapter_dir: Path) -> str:
+        """Load a version's adapters next to the others; returns the name to activate them by."""
+        with self.lock, quiet_peft():
+            self._drop_retired()
+            name = f"v{next(self._names)}"
+            if self.peft is None:
+                self.peft = PeftModel.from_pretrained(self.encoder, adapter_dir, adapter_name=name)
+            else:
+                self.peft.load_adapter(adapter_dir, adapter_name=name)
+            self.peft.eval()
+            return name
+
+    @contextmanager
+    def active(self, name: str) -> Iterator[None]:
+        """Hold the base with ``name``'s adapters switched on, for one forward pass."""
+        assert self.peft is not None, "attach comes first"
+        with self.lock:
+            self._drop_retired()
+            self.peft.set_adapter(name, inference_mode=True)
+            yield
+
+    def retire(self, name: str) -> None:
+        """Mark a version's adapters for removal. Called when the version is garbage collected,
+        which may happen in the middle of a forward pass, so they go at the next safe point."""
+        self.retired.append(name)
+
+    def _drop_retired(self) -> None:
+        retired = set(self.retired)
+        if self.peft is None or not retired:
+            return
+        live = [name for name in self.peft.peft_config if name not in retired]
+        if not live:
+            return  # a PeftModel keeps at least one adapter; the last goes with the base itself
+        self.peft.set_adapter(live[0], inference_mode=True)  # deleting the active one would warn
+        for name in retired:
+            self.peft.delete_adapter(name)
+            self.retired.remove(name)
+
+
+class BasePool:
+    """Base encoders of LoRA versions, one per fingerprint, kept while some version uses them."""
+
+    def __init__(self) -> None:
+        self._bases: weakref.WeakValueDictionary[str, SharedBase] = weakref.WeakValueDictionary()
+        self._lock = threading.Lock()
+
+    def get(self, folder: Path, fingerprint: str) -> SharedBase:
+        with self._lock:
+            base = self._bases.get(fingerprint)
+            if base is None:
+                base = SharedBase(folder)
+                self._bases[fingerprint] = base
+            return base
+
+
+SHARED_BASES = BasePool()
 
 
 class Classifier:
     """A trained model folder, loaded once, answering batches of texts."""
 
-    def __init__(self, folder: Path, max_length: int = 128) -> None:
-        self.model, self.tokenizer, self.label_names = load_classifier(folder)
+    def __init__(self, folder: Path, max_length: int = 128, bases: BasePool | None = None) -> None:
         self.max_length = max_length
+        self.active: Callable[[], AbstractContextManager[None]] = nullcontext
+        if is_lora_folder(folder):
+            self._load_lora(folder, bases or SHARED_BASES)
+        else:
+            self.model, self.tokenizer, self.label_names = load_classifier(folder)
+
+    def _load_lora(self, folder: Path, bases: BasePool) -> None:
+        base = bases.get(*lora_base(folder))
+        name = base.attach(folder / ADAPTER_DIR)
+        weakref.finalize(self, base.retire, name)
+        self.label_names = load_labels(folder)
+        encoder: nn.Module = base.peft  # type: ignore[assignment]
+        self.model = TransferClassifier(encoder, len(self.label_names), dropout=0.0)
+        self.model.head.load_state_dict(load_file(str(folder / HEAD_FILE)))
+        self.model.eval()
+        self.tokenizer = base.tokenizer
+        self.active = lambda: base.active(name)
 
     @torch.inference_mode()
     def probabilities(self, texts: list[str]) -> np.ndarray:
@@ -31,7 +142,8 @@ class Classifier:
                 max_length=self.max_length,
                 return_tensors="pt",
             )
-            logits = self.model(encoded["input_ids"], encoded["attention_mask"])
+            with self.active():
+                logits = self.model(encoded["input_ids"], encoded["attention_mask"])
             rows.append(torch.softmax(logits.float(), dim=-1).numpy())
         if not rows:
             return np.zeros((0, len(self.label_names)), dtype=np.float32)

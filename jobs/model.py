@@ -19,6 +19,14 @@ from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedTokeniz
 
 from jobs.builtins import builtin_model_dir
 from jobs.errors import ModelUnavailable, SpecInvalid
+from jobs.lora import (
+    attach_lora,
+    base_fingerprint,
+    check_lora,
+    has_adapters,
+    is_adapter_key,
+    save_adapter,
+)
 from jobs.spec import HUB_REFERENCE, Hyperparameters, Strategy, StrategyKind
 
 log = logging.getLogger(__name__)
@@ -26,6 +34,8 @@ log = logging.getLogger(__name__)
 HEAD_FILE = "head.safetensors"
 LABELS_FILE = "labels.json"
 ENCODER_DIR = "encoder"
+ADAPTER_DIR = "adapter"
+BASE_FILE = "base.json"
 NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
 
 
@@ -87,7 +97,11 @@ def encoder_layers(encoder: nn.Module) -> nn.ModuleList:
 
 
 def check_strategy(strategy: Strategy, base_dir: Path) -> None:
-    """Refuse a freeze depth the base model cannot have, before the job queues."""
+    """Refuse a freeze depth or adapter targets the base model cannot have, before the job
+    queues."""
+    if strategy.kind is StrategyKind.LORA:
+        check_lora(strategy, base_dir)
+        return
     if strategy.kind is not StrategyKind.PARTIAL:
         return
     config = AutoConfig.from_pretrained(base_dir, trust_remote_code=False)
@@ -131,13 +145,19 @@ def build_classifier(base_dir: Path, num_labels: int, dropout: float) -> Transfe
 
 
 def apply_strategy(model: TransferClassifier, strategy: Strategy) -> None:
-    """Freeze what should stay: the whole encoder, its embeddings and lowest layers, or nothing."""
+    """Freeze what should stay: the whole encoder, its embeddings and lowest layers, or nothing.
+
+    With LoRA the whole encoder stays and adapters are added to it, the only part of it to train.
+    """
     model.head.requires_grad_(True)
     if strategy.kind is StrategyKind.FULL:
         model.encoder.requires_grad_(True)
         return
     model.encoder.requires_grad_(False)
     if strategy.kind is StrategyKind.FEATURE_EXTRACTION:
+        return
+    if strategy.kind is StrategyKind.LORA:
+        model.encoder = attach_lora(model.encoder, strategy)
         return
     for layer in encoder_layers(model.encoder)[strategy.frozen_layers :]:
         layer.requires_grad_(True)
@@ -147,7 +167,10 @@ def apply_strategy(model: TransferClassifier, strategy: Strategy) -> None:
 
 
 def parameter_groups(model: TransferClassifier, hp: Hyperparameters) -> list[dict[str, Any]]:
-    """Discriminative learning rates: the encoder at ``encoder_lr``, the head at ``head_lr``."""
+    """Discriminative learning rates: the encoder at ``encoder_lr``, the head at ``head_lr``.
+
+    Only trainable parameters join, so with LoRA the encoder's groups hold its adapters alone.
+    """
     groups: list[dict[str, Any]] = []
     for part, lr in ((model.encoder, hp.encoder_lr), (model.head, hp.head_lr)):
         decay, no_decay = [], []
@@ -178,21 +201,93 @@ def save_classifier(
     (target / LABELS_FILE).write_text(json.dumps(label_names))
 
 
+def save_lora_classifier(
+    model: TransferClassifier,
+    base_dir: Path,
+    base_model: str,
+    label_names: list[str],
+    target: Path,
+) -> None:
+    """Write a LoRA model folder: adapters, head, label names, and the base they belong to."""
+    target.mkdir(parents=True, exist_ok=True)
+    save_adapter(model.encoder, target / ADAPTER_DIR)  # type: ignore[arg-type]
+    save_file(_contiguous(model.head.state_dict()), str(target / HEAD_FILE))
+    (target / LABELS_FILE).write_text(json.dumps(label_names))
+    base = {
+        "base_model": base_model,
+        "path": str(base_dir),
+        "fingerprint": base_fingerprint(base_dir),
+    }
+    (target / BASE_FILE).write_text(json.dumps(base, indent=2))
+
+
+def is_lora_folder(folder: Path) -> bool:
+    return (folder / BASE_FILE).is_file()
+
+
+def lora_base(folder: Path) -> tuple[Path, str]:
+    """The base model folder a LoRA version was trained on, and its fingerprint.
+
+    The recorded folder is used while it exists; otherwise the recorded reference is resolved
+    again (a builtin's folder moves with the installation). Either way its contents must be the
+    ones the adapters were trained on.
+    """
+    recorded = json.loads((folder / BASE_FILE).read_text())
+    base_dir = Path(recorded["path"])
+    if not (base_dir / "config.json").is_file():
+        base_dir = resolve_base_model(recorded["base_model"])
+    found = base_fingerprint(base_dir)
+    if found != recorded["fingerprint"]:
+        raise ModelUnavailable(
+            f"model version {folder.name!r} holds LoRA adapters for base model "
+            f"{recorded['base_model']!r} with fingerprint {recorded['fingerprint'][:12]}, but "
+            f"the base at {str(base_dir)!r} has fingerprint {found[:12]}; its files changed "
+            "since training. Restore that base model, or train the version again",
+            field="base_model",
+        )
+    return base_dir, found
+
+
 def load_classifier(folder: Path) -> tuple[TransferClassifier, PreTrainedTokenizerBase, list[str]]:
     """Load a folder written by :func:`save_classifier`, ready for inference."""
-    label_names = json.loads((folder / LABELS_FILE).read_text())
+    label_names = load_labels(folder)
     model = TransferClassifier(load_encoder(folder / ENCODER_DIR), len(label_names), dropout=0.0)
     model.head.load_state_dict(load_file(str(folder / HEAD_FILE)))
     model.eval()
     return model, load_tokenizer(folder / ENCODER_DIR), label_names
 
 
+def load_labels(folder: Path) -> list[str]:
+    return list(json.loads((folder / LABELS_FILE).read_text()))
+
+
+def trained_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What a checkpoint keeps: the whole state, or with LoRA the adapters and the head only,
+    since the frozen base can always be loaded again from its folder."""
+    state = model.state_dict()
+    if not has_adapters(model):
+        return state
+    return {key: v for key, v in state.items() if is_adapter_key(key) or key.startswith("head.")}
+
+
 def save_state(model: nn.Module, path: Path) -> None:
-    save_file(_contiguous(model.state_dict()), str(path))
+    save_file(_contiguous(trained_state(model)), str(path))
 
 
 def load_state(model: nn.Module, path: Path) -> None:
-    model.load_state_dict(load_file(str(path)))
+    """Load a :func:`save_state` file; every trained tensor must be in it and nothing else."""
+    state = load_file(str(path))
+    if not has_adapters(model):
+        model.load_state_dict(state)
+        return
+    expected = trained_state(model).keys()
+    absent, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
+    if absent or unexpected:
+        raise RuntimeError(
+            f"{path.name} does not fit this LoRA model: missing {absent[:3]}, "
+            f"unexpected {unexpected[:3]}"
+        )
+    model.load_state_dict(state, strict=False)
 
 
 def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

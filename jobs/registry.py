@@ -1,7 +1,8 @@
 """Model versions, the production alias, and the champion/challenger rule.
 
-A version is a self-contained folder (encoder, tokenizer, head, label names) written in full
-before its row is inserted, so a row never points at a half-written model.
+A version is a folder written in full before its row is inserted, so a row never points at a
+half-written model. It is self-contained (encoder, tokenizer, head, label names), except for a
+LoRA version, which holds its adapters and head and names the base model they belong to.
 """
 
 from __future__ import annotations
@@ -14,12 +15,23 @@ from pathlib import Path
 from typing import Any
 
 from jobs.inference import Classifier
-from jobs.model import apply_strategy, build_classifier, load_state, save_classifier
+from jobs.model import (
+    ADAPTER_DIR,
+    TransferClassifier,
+    apply_strategy,
+    build_classifier,
+    count_parameters,
+    load_state,
+    save_classifier,
+    save_lora_classifier,
+)
 from jobs.settings import Settings
 from jobs.spec import JobSpec, StrategyKind
 from jobs.store import ModelVersion, Store
 
 log = logging.getLogger(__name__)
+
+FOOTPRINT_FILE = "footprint.json"
 
 
 @dataclass(frozen=True)
@@ -101,9 +113,14 @@ class Registry:
         apply_strategy(model, spec.strategy)
         trained = model.head if spec.strategy.kind is StrategyKind.FEATURE_EXTRACTION else model
         load_state(trained, weights)
-        save_classifier(model, base_dir, label_names, staging)
+        if spec.strategy.kind is StrategyKind.LORA:
+            save_lora_classifier(model, base_dir, spec.base_model, label_names, staging)
+        else:
+            save_classifier(model, base_dir, label_names, staging)
         (staging / "spec.json").write_text(json.dumps(spec.to_document(), indent=2))
         (staging / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        footprint = measure_footprint(model, staging)
+        (staging / FOOTPRINT_FILE).write_text(json.dumps(footprint, indent=2))
         shutil.rmtree(target, ignore_errors=True)
         staging.rename(target)
 
@@ -122,6 +139,10 @@ class Registry:
         )
         log.info("model %s: registered v%d from job %s", spec.model_name, version.version, job_id)
         return version
+
+    def footprint(self, version: ModelVersion) -> dict[str, int]:
+        """Trained and total parameters of a version, and the bytes it takes on disk."""
+        return dict(json.loads((self.folder(version) / FOOTPRINT_FILE).read_text()))
 
     def production(self, name: str) -> ModelVersion | None:
         model = self.store.get_model(name)
@@ -151,3 +172,21 @@ class Registry:
             decision.reason,
         )
         return decision
+
+
+def measure_footprint(model: TransferClassifier, folder: Path) -> dict[str, int]:
+    """What a version costs: parameters trained and in all, and bytes on disk (adapters apart,
+    for LoRA, since those are what each further version of the same base adds)."""
+    parameters = count_parameters(model)
+    footprint = {
+        "trainable_parameters": parameters["trainable"],
+        "total_parameters": parameters["total"],
+        "stored_bytes": folder_bytes(folder),
+    }
+    if (folder / ADAPTER_DIR).is_dir():
+        footprint["adapter_bytes"] = folder_bytes(folder / ADAPTER_DIR)
+    return footprint
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())

@@ -235,6 +235,7 @@ class JobProcess:
                 "metrics": evaluation,
                 "best_epoch": evaluation.get("epoch"),
                 "promotion": decision.to_dict(),
+                "footprint": registry.footprint(version),
                 **(extra or {}),
             },
         )

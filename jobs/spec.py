@@ -31,6 +31,7 @@ MAX_SPEC_BYTES = 64 * 1024
 # The deepest a real spec goes is five levels (search.space.PATH.choice[i]); the limit leaves
 # room and still stops documents that exhaust recursion in a parser or validator.
 MAX_SPEC_DEPTH = 16
+MODULE_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*$"
 
 
 class Strict(BaseModel):
@@ -45,6 +46,7 @@ class StrategyKind(StrEnum):
     FEATURE_EXTRACTION = "feature_extraction"
     PARTIAL = "partial"
     FULL = "full"
+    LORA = "lora"
 
 
 class DataSpec(Strict):
@@ -77,11 +79,23 @@ class Strategy(Strict):
 
     ``feature_extraction`` freezes the encoder and trains the head on cached encoder outputs;
     ``partial`` freezes the embeddings and the lowest ``frozen_layers`` encoder layers;
-    ``full`` trains everything.
+    ``full`` trains everything; ``lora`` freezes the encoder and trains low-rank adapters
+    (``rank``, scaled by ``alpha / rank``) on its ``target_modules``, the linear layers whose
+    names end so. The defaults adapt the attention's query and value projections of BERT-like
+    encoders. Each kind ignores the fields of the others.
     """
 
     kind: StrategyKind = StrategyKind.PARTIAL
     frozen_layers: int = Field(default=4, ge=0)
+    rank: int = Field(default=8, ge=1, le=256, description="lora: rank of each adapter.")
+    alpha: float = Field(default=16, gt=0, le=1024, description="lora: adapter scale numerator.")
+    dropout: float = Field(default=0.05, ge=0, lt=1, description="lora: dropout on adapter inputs.")
+    target_modules: list[Annotated[str, Field(pattern=MODULE_NAME_PATTERN)]] = Field(
+        default_factory=lambda: ["query", "value"],
+        min_length=1,
+        max_length=32,
+        description="lora: names (or dotted name endings) of the linear layers to adapt.",
+    )
 
 
 class EarlyStopping(Strict):
@@ -172,6 +186,9 @@ SEARCHABLE = frozenset(
         "hyperparameters.augmentation",
         "strategy.kind",
         "strategy.frozen_layers",
+        "strategy.rank",
+        "strategy.alpha",
+        "strategy.dropout",
     }
 )
 DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")

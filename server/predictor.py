@@ -30,6 +30,8 @@ from monitoring.prediction_log import PredictionLog
 log = logging.getLogger(__name__)
 
 ALIAS_TTL_SECONDS = 1.0
+# Counts versions, not bytes: a LoRA version whose base is already loaded adds only its adapters
+# and head (jobs/inference.py). Bound the cache by memory instead once replicas serve many of them.
 LOADED_VERSIONS = 4
 
 
