@@ -76,6 +76,7 @@ from jobs.store import Job, JobStatus, Store
 from jobs.train import trim_padding
 from monitoring.drift import DriftConfig, check_drift, mmd_permutation_test
 from server.app import APP_NAME, build_app
+from server.auth import Scope, issue_token
 from server.client import Client
 from server.local import wait_healthy
 from tests.bench.bench_drift import load_traffic, machine, median_seconds
@@ -105,6 +106,7 @@ class Bench:
     store: Store
     client: Client
     url: str
+    headers: dict[str, str]  # the bench's admin token, for raw HTTP calls
     tiny_dir: Path
     texts: list[str]
     labels: list[int]
@@ -136,12 +138,14 @@ def running_stack(home: Path) -> Iterator[Bench]:
         url = f"http://127.0.0.1:{settings.api_port}"
         wait_healthy(url, timeout=300)
         store = Store.open(settings.resolved_database_url())
-        with Client(url, timeout=600) as client:
+        _, token = issue_token(store, name="bench", scope=Scope.ADMIN)
+        with Client(url, token=token, timeout=600) as client:
             yield Bench(
                 settings,
                 store,
                 client,
                 url,
+                {"Authorization": f"Bearer {token}"},
                 tiny_dir,
                 frame["text"].tolist(),
                 frame["label"].tolist(),
@@ -459,12 +463,18 @@ def serving(bench: Bench, model_name: str) -> list[dict[str, Any]]:
     texts = bench.texts
     folder = str(registry.folder(version))
     threads = bench.settings.predictor_threads
-    asyncio.run(http_predictions(bench.url, model_name, texts[: CLIENTS * 2], CLIENTS))  # loaded
+    asyncio.run(
+        http_predictions(bench.url, bench.headers, model_name, texts[: CLIENTS * 2], CLIENTS)
+    )  # loaded
     through_http = []
     plain = []
     for _ in range(ROUNDS):
         through_http.append(
-            asyncio.run(http_predictions(bench.url, model_name, texts[:SERVE_REQUESTS], CLIENTS))
+            asyncio.run(
+                http_predictions(
+                    bench.url, bench.headers, model_name, texts[:SERVE_REQUESTS], CLIENTS
+                )
+            )
         )
         plain.append(in_ray(plain_predictions, folder, threads, texts[:SERVE_REQUESTS], CLIENTS))
     served = max(r["per_second"] for r in through_http)
@@ -479,7 +489,9 @@ def serving(bench: Bench, model_name: str) -> list[dict[str, Any]]:
         rounds={"http": through_http, "plain": plain},
     )
 
-    single_http = asyncio.run(http_predictions(bench.url, model_name, texts[:SINGLE_REQUESTS], 1))
+    single_http = asyncio.run(
+        http_predictions(bench.url, bench.headers, model_name, texts[:SINGLE_REQUESTS], 1)
+    )
     single_plain = in_ray(plain_predictions, folder, threads, texts[:SINGLE_REQUESTS], 1)
     latency = {
         "figure": "serving latency at 1 client, minus a plain one-text forward pass",
@@ -492,7 +504,7 @@ def serving(bench: Bench, model_name: str) -> list[dict[str, Any]]:
 
 
 async def http_predictions(
-    url: str, model: str, texts: list[str], clients: int
+    url: str, headers: dict[str, str], model: str, texts: list[str], clients: int
 ) -> dict[str, float]:
     """``clients`` callers, each sending one text a request until the texts run out."""
     queue = list(reversed(texts))
@@ -507,7 +519,7 @@ async def http_predictions(
             latencies.append(time.perf_counter() - started)
 
     limits = httpx.Limits(max_connections=clients)
-    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as http:
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=120, limits=limits) as http:
         started = time.perf_counter()
         await asyncio.gather(*(caller(http) for _ in range(clients)))
         elapsed = time.perf_counter() - started
@@ -562,10 +574,10 @@ def drift() -> dict[str, Any]:
 
 def api_reads(bench: Bench, job_id: str) -> dict[str, Any]:
     """Figure 6: GET /v1/jobs/{id} against Store.get_job, both with 8 readers at once."""
-    asyncio.run(http_reads(bench.url, job_id, READERS * 4))
+    asyncio.run(http_reads(bench.url, bench.headers, job_id, READERS * 4))
     http_runs, store_runs = [], []
     for _ in range(ROUNDS):
-        http_runs.append(asyncio.run(http_reads(bench.url, job_id, READS)))
+        http_runs.append(asyncio.run(http_reads(bench.url, bench.headers, job_id, READS)))
         store_runs.append(
             in_ray(store_reads, bench.settings.resolved_database_url(), job_id, READS)
         )
@@ -583,7 +595,9 @@ def api_reads(bench: Bench, job_id: str) -> dict[str, Any]:
     )
 
 
-async def http_reads(url: str, job_id: str, count: int) -> dict[str, float]:
+async def http_reads(
+    url: str, headers: dict[str, str], job_id: str, count: int
+) -> dict[str, float]:
     remaining = [count]
     latencies: list[float] = []
 
@@ -594,7 +608,7 @@ async def http_reads(url: str, job_id: str, count: int) -> dict[str, float]:
             (await http.get(f"/v1/jobs/{job_id}")).raise_for_status()
             latencies.append(time.perf_counter() - started)
 
-    async with httpx.AsyncClient(base_url=url, timeout=60) as http:
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=60) as http:
         started = time.perf_counter()
         await asyncio.gather(*(reader(http) for _ in range(READERS)))
         elapsed = time.perf_counter() - started
