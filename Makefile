@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench load clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ test: $(STAMP)
 # Side-by-side speed figures; a table on stdout, the JSON in bench-results/speed.json.
 bench: $(STAMP)
 	$(BIN)/python -m tests.bench.bench_speed
+
+# Mixed submissions, status reads and predictions for a minute; bench-results/load.json.
+load: $(STAMP)
+	$(BIN)/python -m tests.bench.load
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
