@@ -284,3 +284,45 @@ def test_resumed_search_does_not_rerun_finished_trials(
         assert starts.count(trial_id) == 1, (trial_id, starts)
     trials = stack.client.trials(job["id"])["trials"]
     assert len(trials) == 4 and sum(trial["is_best"] for trial in trials) == 1
+
+
+def test_a_search_winner_that_does_not_beat_production_is_kept_not_served(
+    stack: Stack, tiny_model_dir: Path, reviews: str
+) -> None:
+    champion = tiny_spec(
+        tiny_model_dir, reviews, model_name="defended", hyperparameters={"epochs": 4}
+    )
+    first = stack.client.wait(stack.client.submit(champion)["id"], timeout=240)
+    assert first["status"] == "SUCCEEDED", first["error"]
+    # A challenger that can hardly move from its random head: two trials of one epoch at
+    # learning rates a thousand times too small.
+    weak = tiny_spec(
+        tiny_model_dir,
+        reviews,
+        model_name="defended",
+        strategy={"kind": "feature_extraction"},
+        hyperparameters={"epochs": 1, "encoder_lr": 1e-9, "head_lr": 1e-6},
+    )
+    weak["search"] = {
+        "space": {"hyperparameters.head_lr": {"loguniform": [1e-7, 1e-6]}},
+        "trials": 2,
+        "max_concurrent": 2,
+        "scheduler": "none",
+    }
+    job = stack.client.wait(stack.client.submit(weak)["id"], timeout=300)
+    assert job["status"] == "SUCCEEDED", job["error"]
+
+    decision = job["result"]["promotion"]
+    assert decision["promote"] is False, decision
+    assert decision["champion_version"] == first["model_version"] == 1
+    assert decision["challenger_score"] <= decision["champion_score"]
+    model = stack.client.model("defended")
+    assert model["production_version"] == 1
+    assert [v["version"] for v in model["versions"]] == [1, 2]  # the winner is kept, not served
+    assert stack.client.predict("defended", ["great phone"])["version"] == 1
+    messages = [line["message"] for line in stack.client.log(job["id"])]
+    assert any(
+        m.startswith("registered defended v2; not promoted: challenger ")
+        and "does not beat champion v1" in m
+        for m in messages
+    ), messages
