@@ -15,10 +15,10 @@ import weakref
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from peft import PeftModel
 from safetensors.torch import load_file
 from torch import nn
 
@@ -34,6 +34,9 @@ from jobs.model import (
     load_tokenizer,
     lora_base,
 )
+
+if TYPE_CHECKING:
+    from peft import PeftModel
 
 INFERENCE_BATCH = 64
 
@@ -51,6 +54,8 @@ class SharedBase:
 
     def attach(self, adapter_dir: Path) -> str:
         """Load a version's adapters next to the others; returns the name to activate them by."""
+        from peft import PeftModel  # seconds to import; only processes serving LoRA pay it
+
         with self.lock, quiet_peft():
             self._drop_retired()
             name = f"v{next(self._names)}"

@@ -5,6 +5,10 @@ stays in its own folder and the version names it by that folder and a fingerprin
 contents, so an adapter is never applied to weights it was not trained on. Adapters are written
 in peft's own layout (``adapter_config.json`` and ``adapter_model.safetensors``), which
 ``peft.PeftModel.from_pretrained`` reads as it is.
+
+peft is imported where an adapter is made or saved, not with this module: its import takes
+seconds, and every job process, training worker and predictor replica imports this module
+whether or not it ever sees an adapter.
 """
 
 from __future__ import annotations
@@ -12,19 +16,23 @@ from __future__ import annotations
 import functools
 import hashlib
 import re
+import sys
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
 from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoConfig, AutoModel
 
 from jobs.errors import SpecInvalid
 from jobs.spec import Strategy
+
+if TYPE_CHECKING:
+    from peft import LoraConfig, PeftModel
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # Mean pooling never reads the pooler, so an adapter there would get no gradient: wasted
@@ -60,6 +68,8 @@ def quiet_peft() -> Iterator[None]:
 
 
 def lora_config(strategy: Strategy, encoder: nn.Module) -> LoraConfig:
+    from peft import LoraConfig
+
     return LoraConfig(
         r=strategy.rank,
         lora_alpha=strategy.alpha,
@@ -72,12 +82,15 @@ def lora_config(strategy: Strategy, encoder: nn.Module) -> LoraConfig:
 
 def attach_lora(encoder: nn.Module, strategy: Strategy) -> PeftModel:
     """Wrap a frozen encoder with fresh, trainable adapters on the strategy's target modules."""
+    from peft import get_peft_model
+
     with quiet_peft():
         return get_peft_model(encoder, lora_config(strategy, encoder))
 
 
 def has_adapters(model: nn.Module) -> bool:
-    return any(isinstance(module, PeftModel) for module in model.modules())
+    peft = sys.modules.get("peft")  # no model can hold a PeftModel before peft is imported
+    return peft is not None and any(isinstance(m, peft.PeftModel) for m in model.modules())
 
 
 def is_adapter_key(key: str) -> bool:
@@ -86,6 +99,8 @@ def is_adapter_key(key: str) -> bool:
 
 def save_adapter(encoder: PeftModel, target: Path) -> None:
     """Write the adapters in peft's layout, without the model card peft would add."""
+    from peft import get_peft_model_state_dict
+
     target.mkdir(parents=True, exist_ok=True)
     state = get_peft_model_state_dict(encoder)
     save_file(

@@ -37,7 +37,6 @@ from jobs.failures import Failure, FailureCode, classify, first_line, limit_brea
 from jobs.features import cache_folder
 from jobs.model import resolve_base_model
 from jobs.registry import Registry
-from jobs.search import PlacementJanitor, placement_folder, run_search, search_dir
 from jobs.settings import Settings
 from jobs.spec import JobSpec, StrategyKind
 from jobs.store import Job, JobStatus, Store, utcnow
@@ -120,6 +119,8 @@ def remove_placement_groups(settings: Settings, job_id: str) -> None:
     the dashboard (see PlacementJanitor). The job's workers and a search's trials record
     their groups' ids, so the runner removes them.
     """
+    from jobs.search import PlacementJanitor, placement_folder, search_dir  # see _run_search
+
     PlacementJanitor(job_id, job_placement_folder(settings, job_id)).remove_all()
     PlacementJanitor(job_id, placement_folder(search_dir(settings, job_id))).remove_all()
 
@@ -182,6 +183,10 @@ class JobProcess:
             self._publish(job, spec, Path(folder), data, base_dir)
 
     def _run_search(self, job: Job, spec: JobSpec) -> None:
+        # Imported here: Ray Tune takes seconds to import, and a job process that runs no
+        # search should not spend them before its first step.
+        from jobs.search import run_search
+
         outcome = run_search(job, spec, self.settings, self.store)
         if outcome is None:
             self.store.transition(job.id, JobStatus.CANCELLED)

@@ -27,10 +27,9 @@ import numpy as np
 import ray.train
 import ray.train.torch
 import torch
-from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
-from transformers import PreTrainedTokenizerBase, get_linear_schedule_with_warmup
+from transformers import PreTrainedTokenizerBase
 
 from jobs.errors import MemoryLimitExceeded
 from jobs.features import FeatureCache
@@ -191,20 +190,47 @@ def record_placement_group(record: Path) -> None:
     os.replace(partial, record)
 
 
+def linear_warmup_schedule(
+    optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Each group's rate rises linearly from 0 over ``warmup_steps``, then falls linearly to 0
+    at ``total_steps``: the schedule of ``transformers.get_linear_schedule_with_warmup``,
+    written here because importing that one imports transformers' Trainer utilities and, with
+    them, peft, seconds before a worker's first step."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return step / max(1, warmup_steps)
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
 def classification_metrics(
     labels: list[int], predictions: list[int], num_labels: int
 ) -> dict[str, Any]:
-    precision, recall, f1, _ = precision_recall_fscore_support(
-        labels, predictions, average="macro", zero_division=0, labels=list(range(num_labels))
+    """Accuracy, macro precision, recall and F1 (0 for a class never predicted or never seen),
+    and the confusion matrix, rows true labels and columns predictions.
+
+    Computed from the confusion matrix with numpy rather than scikit-learn, whose import costs
+    every training worker and job process a second before its first step.
+    """
+    matrix = np.zeros((num_labels, num_labels), dtype=np.int64)
+    np.add.at(
+        matrix, (np.asarray(labels, dtype=np.int64), np.asarray(predictions, dtype=np.int64)), 1
     )
+    hits = np.diag(matrix).astype(np.float64)
+    predicted, actual = matrix.sum(axis=0), matrix.sum(axis=1)
+    precision = np.divide(hits, predicted, out=np.zeros_like(hits), where=predicted > 0)
+    recall = np.divide(hits, actual, out=np.zeros_like(hits), where=actual > 0)
+    both = predicted + actual
+    f1 = np.divide(2 * hits, both, out=np.zeros_like(hits), where=both > 0)
     return {
-        "val_accuracy": float(accuracy_score(labels, predictions)),
-        "val_precision": float(precision),
-        "val_recall": float(recall),
-        "val_f1": float(f1),
-        "confusion_matrix": confusion_matrix(
-            labels, predictions, labels=list(range(num_labels))
-        ).tolist(),
+        "val_accuracy": float(hits.sum() / max(matrix.sum(), 1)),
+        "val_precision": float(precision.mean()),
+        "val_recall": float(recall.mean()),
+        "val_f1": float(f1.mean()),
+        "confusion_matrix": matrix.tolist(),
     }
 
 
@@ -294,7 +320,7 @@ class Worker:
             len(self.job.train_labels) / self.world_size / self.hp.batch_size
         )
         total_steps = steps_per_epoch * self.hp.epochs
-        self.scheduler = get_linear_schedule_with_warmup(
+        self.scheduler = linear_warmup_schedule(
             self.optimizer, int(total_steps * self.hp.warmup_ratio), total_steps
         )
         progress = self.restore()
