@@ -22,7 +22,8 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from jobs.lora import quiet_peft
+from jobs.errors import ModelUnavailable
+from jobs.lora import ADAPTER_WEIGHTS, quiet_peft
 from jobs.model import (
     ADAPTER_DIR,
     HEAD_FILE,
@@ -56,6 +57,13 @@ class SharedBase:
         """Load a version's adapters next to the others; returns the name to activate them by."""
         from peft import PeftModel  # seconds to import; only processes serving LoRA pay it
 
+        if not (adapter_dir / ADAPTER_WEIGHTS).is_file():
+            # peft would fall back to a pickled adapter_model.bin; weights load from safetensors.
+            raise ModelUnavailable(
+                f"adapter folder {str(adapter_dir)!r} has no {ADAPTER_WEIGHTS}; adapters load "
+                "from safetensors only",
+                field="base_model",
+            )
         with self.lock, quiet_peft():
             self._drop_retired()
             name = f"v{next(self._names)}"

@@ -9,10 +9,13 @@ from typing import Any
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from jobs.errors import ModelUnavailable, SpecInvalid
 from jobs.inference import BasePool, Classifier
+from jobs.lora import ADAPTER_WEIGHTS
 from jobs.model import (
+    ADAPTER_DIR,
     TransferClassifier,
     apply_strategy,
     build_classifier,
@@ -257,3 +260,16 @@ def test_a_version_whose_base_changed_is_refused(tiny_model_dir: Path, tmp_path:
         Classifier(folder, bases=BasePool())
     assert caught.value.field == "base_model"
     assert "fingerprint" in caught.value.message and str(base) in caught.value.message
+
+
+def test_adapters_saved_as_pickles_are_refused(tiny_model_dir: Path, tmp_path: Path) -> None:
+    folder = save_version(lora_model(tiny_model_dir), tiny_model_dir, tmp_path / "v1")
+    adapter = folder / ADAPTER_DIR
+    weights = load_file(str(adapter / ADAPTER_WEIGHTS))
+    (adapter / ADAPTER_WEIGHTS).unlink()
+    torch.save(weights, adapter / "adapter_model.bin")  # what peft would otherwise unpickle
+    with pytest.raises(ModelUnavailable) as caught:
+        Classifier(folder, bases=BasePool())
+    assert caught.value.field == "base_model"
+    assert "adapter_model.safetensors" in caught.value.message
+    assert "safetensors only" in caught.value.message
