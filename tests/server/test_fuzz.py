@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -65,25 +66,27 @@ def test_fuzzed_requests_get_no_5xx_and_4xx_name_the_field(stack: Stack) -> None
     operations = [result.ok() for result in schema.get_all_operations()]
     assert len(operations) >= 18
 
+    def fuzzer(operation: Any, mode: GenerationMode, label: str) -> Callable[[], None]:
+        @settings(
+            max_examples=CASES_PER_OPERATION_AND_MODE,
+            derandomize=True,
+            database=None,
+            deadline=None,
+            suppress_health_check=list(HealthCheck),
+        )
+        @given(case=operation.as_strategy(generation_mode=mode))
+        def fuzz(case: Any) -> None:
+            response = case.call(base_url=stack.url, headers=headers, timeout=30)
+            statuses[response.status_code] += 1
+            check_answer(response, f"{label} ({mode}) {case.as_curl_command()}")
+
+        return fuzz  # type: ignore[no-any-return]
+
     for operation in operations:
         label = f"{operation.method.upper()} {operation.path}"
         for mode in modes_for(operation):
-
-            @settings(
-                max_examples=CASES_PER_OPERATION_AND_MODE,
-                derandomize=True,
-                database=None,
-                deadline=None,
-                suppress_health_check=list(HealthCheck),
-            )
-            @given(case=operation.as_strategy(generation_mode=mode))
-            def fuzz(case: Any, label: str = label, mode: GenerationMode = mode) -> None:
-                response = case.call(base_url=stack.url, headers=headers, timeout=30)
-                statuses[response.status_code] += 1
-                check_answer(response, f"{label} ({mode}) {case.as_curl_command()}")
-
             started = time.monotonic()
-            fuzz()
+            fuzzer(operation, mode, label)()
             spent[f"{label} {mode}"] = time.monotonic() - started
 
     cases = sum(statuses.values())
