@@ -251,9 +251,11 @@ def test_killed_worker_resumes_from_the_last_checkpoint(
         for line in stack.client.log(job["id"])
         if line["message"].startswith("resumed from the checkpoint of epoch")
     ]
-    # The epoch's metrics are stored just before its checkpoint is, so the last complete
-    # checkpoint at the kill is that epoch's or the one before.
-    assert resumed and resumed[0] >= max(2, done_at_kill - 1)
+    # An epoch's metrics are stored just before its worker writes the checkpoint, and Ray
+    # Train commits a written checkpoint when its controller next polls the worker (every
+    # 0.2 s), so the last checkpoint committed at the kill is at most two epochs behind the
+    # metrics: that epoch's, or one of the two before it. Never the first epoch.
+    assert resumed and resumed[0] >= max(2, done_at_kill - 2), (resumed, done_at_kill)
     assert [e["epoch"] for e in stack.client.epochs(job["id"])] == list(range(1, 41))
 
     uninterrupted = submit_and_wait(stack, {**spec, "model_name": "uninterrupted"}, 300)
