@@ -1,4 +1,4 @@
-"""Loading a registered model folder and scoring texts with it, outside of training.
+"""Loading a registered model folder and scoring texts or images with it, outside of training.
 
 LoRA versions of one base share that base in memory: a process holds one copy of each base
 model (by fingerprint) as long as a loaded version uses it, with every loaded version's
@@ -15,26 +15,31 @@ import weakref
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 from torch import nn
 
 from jobs.errors import ModelUnavailable
+from jobs.images import load_image
 from jobs.lora import ADAPTER_WEIGHTS, quiet_peft
 from jobs.model import (
     ADAPTER_DIR,
+    ENCODER_DIR,
     HEAD_FILE,
-    TransferClassifier,
+    folder_task,
     is_lora_folder,
     load_classifier,
     load_encoder,
     load_labels,
-    load_tokenizer,
+    load_processor,
     lora_base,
+    wrap_encoder,
 )
+from jobs.spec import Task
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -47,7 +52,8 @@ class SharedBase:
 
     def __init__(self, folder: Path) -> None:
         self.encoder = load_encoder(folder).eval()
-        self.tokenizer = load_tokenizer(folder)
+        self.processor = load_processor(folder)
+        self.task = folder_task(folder)
         self.peft: PeftModel | None = None
         self.lock = threading.Lock()
         self.retired: list[str] = []
@@ -120,8 +126,11 @@ class BasePool:
 SHARED_BASES = BasePool()
 
 
+Input = str | Image.Image
+
+
 class Classifier:
-    """A trained model folder, loaded once, answering batches of texts."""
+    """A trained model folder, loaded once, answering batches of texts or of RGB images."""
 
     def __init__(self, folder: Path, max_length: int = 128, bases: BasePool | None = None) -> None:
         self.max_length = max_length
@@ -129,7 +138,12 @@ class Classifier:
         if is_lora_folder(folder):
             self._load_lora(folder, bases or SHARED_BASES)
         else:
-            self.model, self.tokenizer, self.label_names = load_classifier(folder)
+            self.model, self.processor, self.label_names = load_classifier(folder)
+            self.task = folder_task(folder / ENCODER_DIR)
+
+    @property
+    def is_image_model(self) -> bool:
+        return self.task is Task.IMAGE_CLASSIFICATION
 
     def _load_lora(self, folder: Path, bases: BasePool) -> None:
         base = bases.get(*lora_base(folder))
@@ -137,34 +151,53 @@ class Classifier:
         weakref.finalize(self, base.retire, name)
         self.label_names = load_labels(folder)
         encoder: nn.Module = base.peft  # type: ignore[assignment]
-        self.model = TransferClassifier(encoder, len(self.label_names), dropout=0.0)
+        self.model = wrap_encoder(encoder, base.task, len(self.label_names))
         self.model.head.load_state_dict(load_file(str(folder / HEAD_FILE)))
         self.model.eval()
-        self.tokenizer = base.tokenizer
+        self.processor = base.processor
+        self.task = base.task
         self.active = lambda: base.active(name)
 
-    @torch.inference_mode()
-    def probabilities(self, texts: list[str]) -> np.ndarray:
-        """Class probabilities, one row per text, columns in ``label_names`` order."""
-        rows = []
-        for start in range(0, len(texts), INFERENCE_BATCH):
-            encoded = self.tokenizer(
-                texts[start : start + INFERENCE_BATCH],
-                padding=True,
-                truncation=True,
-                max_length=self.max_length,
-                return_tensors="pt",
-            )
-            with self.active():
-                logits = self.model(encoded["input_ids"], encoded["attention_mask"])
-            rows.append(torch.softmax(logits.float(), dim=-1).numpy())
-        if not rows:
-            return np.zeros((0, len(self.label_names)), dtype=np.float32)
-        return np.concatenate(rows)
+    def model_inputs(self, batch: list[Any]) -> tuple[torch.Tensor, ...]:
+        """Tokens and attention mask of texts, or pixel values of images."""
+        if self.is_image_model:
+            images = [load_image(item) if isinstance(item, str | Path) else item for item in batch]
+            pixels = self.processor(images=images, return_tensors="pt")["pixel_values"]
+            return (pixels,)
+        encoded = self.processor(
+            batch, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
+        return encoded["input_ids"], encoded["attention_mask"]
 
-    def accuracy(self, texts: list[str], labels: list[str]) -> float:
-        if not texts:
+    @torch.inference_mode()
+    def forward(self, inputs: list[Any]) -> tuple[np.ndarray, np.ndarray]:
+        """Class probabilities (columns in ``label_names`` order) and the pooled features the
+        head reads, one row per input. Images may be given as RGB images or file paths."""
+        probabilities, features = [], []
+        for start in range(0, len(inputs), INFERENCE_BATCH):
+            model_inputs = self.model_inputs(list(inputs[start : start + INFERENCE_BATCH]))
+            with self.active():
+                pooled = self.model.features(*model_inputs)
+                logits = self.model.head(pooled)
+            probabilities.append(torch.softmax(logits.float(), dim=-1).numpy())
+            features.append(pooled.float().numpy())
+        if not probabilities:
+            width = self.model.head[-1].in_features
+            empty = np.zeros((0, len(self.label_names)), dtype=np.float32)
+            return empty, np.zeros((0, width), dtype=np.float32)
+        return np.concatenate(probabilities), np.concatenate(features)
+
+    def probabilities(self, inputs: list[Any]) -> np.ndarray:
+        """Class probabilities, one row per input, columns in ``label_names`` order."""
+        return self.forward(inputs)[0]
+
+    def embeddings(self, inputs: list[Any]) -> np.ndarray:
+        """The model's own pooled features of its inputs: what image drift is measured on."""
+        return self.forward(inputs)[1]
+
+    def accuracy(self, inputs: list[Any], labels: list[str]) -> float:
+        if not inputs:
             raise ValueError("accuracy needs at least one labelled row")
-        predicted = self.probabilities(texts).argmax(-1)
+        predicted = self.probabilities(inputs).argmax(-1)
         names = np.asarray(self.label_names)[predicted]
         return float(np.mean(names == np.asarray(labels)))

@@ -43,6 +43,7 @@ ADAPTER_MARK = "lora_"
 # sentence-transformers settings and the like may change without changing an adapter's meaning.
 BASE_FILE_PATTERNS = (
     "config.json",
+    "preprocessor_config.json",
     "*.safetensors",
     "tokenizer*.json",
     "special_tokens_map.json",

@@ -15,7 +15,15 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModel,
+    AutoTokenizer,
+    BaseImageProcessor,
+    PretrainedConfig,
+    PreTrainedTokenizerBase,
+)
 
 from jobs.builtins import builtin_model_dir
 from jobs.errors import ModelUnavailable, SpecInvalid
@@ -27,7 +35,7 @@ from jobs.lora import (
     is_adapter_key,
     save_adapter,
 )
-from jobs.spec import HUB_REFERENCE, Hyperparameters, Strategy, StrategyKind
+from jobs.spec import HUB_REFERENCE, Hyperparameters, Strategy, StrategyKind, Task
 
 log = logging.getLogger(__name__)
 
@@ -36,11 +44,20 @@ LABELS_FILE = "labels.json"
 ENCODER_DIR = "encoder"
 ADAPTER_DIR = "adapter"
 BASE_FILE = "base.json"
+SPEC_FILE = "spec.json"
+PROCESSOR_FILE = "preprocessor_config.json"
+# Top-level norms after the last layer (ViT, ConvNeXt): they train with the layers above the
+# frozen ones, or the unfrozen layers would feed a normalisation fitted to other features.
+FINAL_NORMS = ("layernorm", "layer_norm", "post_layernorm")
 NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
 
 
-def resolve_base_model(reference: str) -> Path:
-    """Return a local Hugging Face folder for a spec's ``base_model``, or say why there is none."""
+def resolve_base_model(reference: str, *, weights: bool = True) -> Path:
+    """Return a local Hugging Face folder for a spec's ``base_model``, or say why there is none.
+
+    ``weights`` false accepts a folder with a configuration alone, for pretraining. Registered
+    versions (``model:NAME``) are resolved by jobs.registry.resolve_base, which knows the store.
+    """
     if reference.startswith("builtin:"):
         return builtin_model_dir(reference.removeprefix("builtin:"))
     if reference.startswith("hub:"):
@@ -52,7 +69,7 @@ def resolve_base_model(reference: str) -> Path:
             "format",
             field="base_model",
         )
-    if not any(folder.glob("*.safetensors")):
+    if weights and not any(folder.glob("*.safetensors")):
         raise ModelUnavailable(
             f"base model folder {reference!r} has no .safetensors weights; other weight formats "
             "can run code when loaded and are refused",
@@ -85,15 +102,27 @@ def _fetch_from_hub(reference: str) -> Path:
 
 
 def encoder_layers(encoder: nn.Module) -> nn.ModuleList:
-    """The stack of transformer layers of a BERT-shaped encoder."""
-    stack = getattr(getattr(encoder, "encoder", None), "layer", None)
-    if not isinstance(stack, nn.ModuleList):
-        raise SpecInvalid(
-            f"strategy 'partial' needs a BERT-shaped encoder; {type(encoder).__name__} has no "
-            "encoder.layer stack",
-            field="strategy.kind",
-        )
-    return stack
+    """The stack an encoder's depth is counted in: the transformer layers of a BERT- or
+    ViT-shaped encoder, the stages of a ConvNeXt or ResNet."""
+    body = getattr(encoder, "encoder", None)
+    for owner, name in ((body, "layer"), (body, "stages"), (encoder, "layers")):
+        stack = getattr(owner, name, None)
+        if isinstance(stack, nn.ModuleList):
+            return stack
+    raise SpecInvalid(
+        f"strategy 'partial' needs an encoder with a stack of layers or stages; "
+        f"{type(encoder).__name__} has no encoder.layer, encoder.stages or layers",
+        field="strategy.kind",
+    )
+
+
+def encoder_depth(config: PretrainedConfig) -> int | None:
+    """Layers (transformers) or stages (convolutional networks) a configuration describes."""
+    layers = getattr(config, "num_hidden_layers", None)
+    if layers is not None:
+        return int(layers)
+    depths = getattr(config, "depths", None)
+    return len(depths) if depths is not None else None
 
 
 def check_strategy(strategy: Strategy, base_dir: Path) -> None:
@@ -105,7 +134,7 @@ def check_strategy(strategy: Strategy, base_dir: Path) -> None:
     if strategy.kind is not StrategyKind.PARTIAL:
         return
     config = AutoConfig.from_pretrained(base_dir, trust_remote_code=False)
-    layers = getattr(config, "num_hidden_layers", None)
+    layers = encoder_depth(config)
     if layers is not None and strategy.frozen_layers > layers:
         raise SpecInvalid(
             f"strategy.frozen_layers is {strategy.frozen_layers} but the base model has "
@@ -114,8 +143,25 @@ def check_strategy(strategy: Strategy, base_dir: Path) -> None:
         )
 
 
+def check_task(task: Task, base_dir: Path) -> None:
+    """Refuse a base model that cannot read the task's inputs, before the job queues."""
+    has_processor = (base_dir / PROCESSOR_FILE).is_file()
+    if task is Task.IMAGE_CLASSIFICATION and not has_processor:
+        raise ModelUnavailable(
+            f"task 'image_classification' needs an image model; the base model at "
+            f"{str(base_dir)!r} has no {PROCESSOR_FILE} saying how to prepare images",
+            field="base_model",
+        )
+    if task is Task.TEXT_CLASSIFICATION and has_processor:
+        raise ModelUnavailable(
+            f"the base model at {str(base_dir)!r} is an image model ({PROCESSOR_FILE}); "
+            "give task 'image_classification' or a text model",
+            field="base_model",
+        )
+
+
 class TransferClassifier(nn.Module):
-    """A pretrained encoder, mean-pooled, under a new linear head."""
+    """A pretrained text encoder, mean-pooled, under a new linear head."""
 
     def __init__(self, encoder: nn.Module, num_labels: int, dropout: float) -> None:
         super().__init__()
@@ -132,7 +178,44 @@ class TransferClassifier(nn.Module):
         return self.head(self.features(input_ids, attention_mask))
 
 
-def load_encoder(folder: Path) -> nn.Module:
+class ImageTransferClassifier(nn.Module):
+    """A pretrained image encoder, pooled, under a new linear head.
+
+    Transformers (ViT) are pooled like text, as the mean of their final token states; their own
+    pooler, a dense layer over the class token, is left out as for text. Convolutional networks
+    (ConvNeXt, ResNet) are pooled by their own global average pooling.
+    """
+
+    def __init__(self, encoder: nn.Module, num_labels: int, dropout: float) -> None:
+        super().__init__()
+        self.encoder = encoder
+        config = encoder.config
+        sizes = getattr(config, "hidden_sizes", None)
+        hidden = int(sizes[-1]) if sizes else int(config.hidden_size)
+        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(hidden, num_labels))
+
+    def features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        output = self.encoder(pixel_values=pixel_values)
+        hidden = output.last_hidden_state
+        if hidden.dim() == 3:
+            return hidden.mean(1)
+        pooled = getattr(output, "pooler_output", None)
+        return (pooled if pooled is not None else hidden.mean((2, 3))).flatten(1)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(pixel_values))
+
+
+ClassifierModel = TransferClassifier | ImageTransferClassifier
+Processor = PreTrainedTokenizerBase | BaseImageProcessor
+
+
+def load_encoder(folder: Path, *, pretrained: bool = True) -> nn.Module:
+    """The encoder in ``folder``: its weights, or with ``pretrained`` false its configuration
+    alone with freshly initialised weights."""
+    if not pretrained:
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
+        return AutoModel.from_config(config, trust_remote_code=False)
     return AutoModel.from_pretrained(folder, use_safetensors=True, trust_remote_code=False)
 
 
@@ -140,11 +223,34 @@ def load_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
 
 
-def build_classifier(base_dir: Path, num_labels: int, dropout: float) -> TransferClassifier:
-    return TransferClassifier(load_encoder(base_dir), num_labels, dropout)
+def folder_task(folder: Path) -> Task:
+    """The task of a model folder: image models carry an image processor's settings."""
+    if (folder / PROCESSOR_FILE).is_file():
+        return Task.IMAGE_CLASSIFICATION
+    return Task.TEXT_CLASSIFICATION
 
 
-def apply_strategy(model: TransferClassifier, strategy: Strategy) -> None:
+def load_processor(folder: Path) -> Processor:
+    """What turns raw inputs into model inputs: the tokenizer, or the image processor (its
+    Pillow implementation; the default one needs torchvision)."""
+    if folder_task(folder) is Task.IMAGE_CLASSIFICATION:
+        processor: BaseImageProcessor = AutoImageProcessor.from_pretrained(
+            folder, trust_remote_code=False, backend="pil"
+        )
+        return processor
+    return load_tokenizer(folder)
+
+
+def build_classifier(
+    base_dir: Path, num_labels: int, dropout: float, *, pretrained: bool = True
+) -> ClassifierModel:
+    encoder = load_encoder(base_dir, pretrained=pretrained)
+    if folder_task(base_dir) is Task.IMAGE_CLASSIFICATION:
+        return ImageTransferClassifier(encoder, num_labels, dropout)
+    return TransferClassifier(encoder, num_labels, dropout)
+
+
+def apply_strategy(model: ClassifierModel, strategy: Strategy) -> None:
     """Freeze what should stay: the whole encoder, its embeddings and lowest layers, or nothing.
 
     With LoRA the whole encoder stays and adapters are added to it, the only part of it to train.
@@ -152,6 +258,7 @@ def apply_strategy(model: TransferClassifier, strategy: Strategy) -> None:
     model.head.requires_grad_(True)
     if strategy.kind is StrategyKind.FULL:
         model.encoder.requires_grad_(True)
+        _freeze_unused_pooler(model.encoder)
         return
     model.encoder.requires_grad_(False)
     if strategy.kind is StrategyKind.FEATURE_EXTRACTION:
@@ -161,12 +268,22 @@ def apply_strategy(model: TransferClassifier, strategy: Strategy) -> None:
         return
     for layer in encoder_layers(model.encoder)[strategy.frozen_layers :]:
         layer.requires_grad_(True)
-    pooler = getattr(model.encoder, "pooler", None)
-    if pooler is not None:  # unused by mean pooling; training it would only waste time
+    for name in FINAL_NORMS:
+        norm = getattr(model.encoder, name, None)
+        if isinstance(norm, nn.Module):
+            norm.requires_grad_(True)
+    _freeze_unused_pooler(model.encoder)
+
+
+def _freeze_unused_pooler(encoder: nn.Module) -> None:
+    # Mean pooling never reads a transformer's pooler: training it would waste time, and on
+    # several workers DistributedDataParallel refuses parameters that get no gradient.
+    pooler = getattr(encoder, "pooler", None)
+    if pooler is not None:
         pooler.requires_grad_(False)
 
 
-def parameter_groups(model: TransferClassifier, hp: Hyperparameters) -> list[dict[str, Any]]:
+def parameter_groups(model: ClassifierModel, hp: Hyperparameters) -> list[dict[str, Any]]:
     """Discriminative learning rates: the encoder at ``encoder_lr``, the head at ``head_lr``.
 
     Only trainable parameters join, so with LoRA the encoder's groups hold its adapters alone.
@@ -191,18 +308,19 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
 
 
 def save_classifier(
-    model: TransferClassifier, base_dir: Path, label_names: list[str], target: Path
+    model: ClassifierModel, base_dir: Path, label_names: list[str], target: Path
 ) -> None:
-    """Write a self-contained model folder: encoder and tokenizer, head, label names."""
+    """Write a self-contained model folder: encoder and its tokenizer or image processor, head,
+    label names. The encoder folder is a base model in Hugging Face format of its own."""
     target.mkdir(parents=True, exist_ok=True)
     model.encoder.save_pretrained(target / ENCODER_DIR, safe_serialization=True)
-    load_tokenizer(base_dir).save_pretrained(target / ENCODER_DIR)
+    load_processor(base_dir).save_pretrained(target / ENCODER_DIR)
     save_file(_contiguous(model.head.state_dict()), str(target / HEAD_FILE))
     (target / LABELS_FILE).write_text(json.dumps(label_names))
 
 
 def save_lora_classifier(
-    model: TransferClassifier,
+    model: ClassifierModel,
     base_dir: Path,
     base_model: str,
     label_names: list[str],
@@ -248,13 +366,20 @@ def lora_base(folder: Path) -> tuple[Path, str]:
     return base_dir, found
 
 
-def load_classifier(folder: Path) -> tuple[TransferClassifier, PreTrainedTokenizerBase, list[str]]:
+def load_classifier(folder: Path) -> tuple[ClassifierModel, Processor, list[str]]:
     """Load a folder written by :func:`save_classifier`, ready for inference."""
     label_names = load_labels(folder)
-    model = TransferClassifier(load_encoder(folder / ENCODER_DIR), len(label_names), dropout=0.0)
+    model = build_classifier(folder / ENCODER_DIR, len(label_names), dropout=0.0)
     model.head.load_state_dict(load_file(str(folder / HEAD_FILE)))
     model.eval()
-    return model, load_tokenizer(folder / ENCODER_DIR), label_names
+    return model, load_processor(folder / ENCODER_DIR), label_names
+
+
+def wrap_encoder(encoder: nn.Module, task: Task, num_labels: int) -> ClassifierModel:
+    """A classifier around an encoder already in memory, such as a shared LoRA base."""
+    if task is Task.IMAGE_CLASSIFICATION:
+        return ImageTransferClassifier(encoder, num_labels, dropout=0.0)
+    return TransferClassifier(encoder, num_labels, dropout=0.0)
 
 
 def load_labels(folder: Path) -> list[str]:

@@ -16,7 +16,9 @@ import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
+    Tag,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -27,6 +29,9 @@ from jobs.errors import SpecInvalid
 
 MODEL_NAME_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"
 HUB_REFERENCE = re.compile(r"^hub:(?P<repo>[\w.-]+/[\w.-]+)@(?P<revision>[0-9a-f]{40}|[\w.-]+)$")
+REGISTRY_REFERENCE = re.compile(
+    r"^model:(?P<name>[a-z0-9][a-z0-9-]{0,62})(@(?P<version>[1-9]\d*))?$"
+)
 MAX_SPEC_BYTES = 64 * 1024
 # The deepest a real spec goes is five levels (search.space.PATH.choice[i]); the limit leaves
 # room and still stops documents that exhaust recursion in a parser or validator.
@@ -40,6 +45,16 @@ class Strict(BaseModel):
 
 class Task(StrEnum):
     TEXT_CLASSIFICATION = "text_classification"
+    IMAGE_CLASSIFICATION = "image_classification"
+
+
+class JobKind(StrEnum):
+    """``fine_tuning`` starts from the base model's weights; ``pretraining`` builds the base
+    model from its configuration alone, with freshly initialised weights, and trains all of it:
+    the version it registers is a base that later jobs fine-tune (``base_model: model:NAME``)."""
+
+    FINE_TUNING = "fine_tuning"
+    PRETRAINING = "pretraining"
 
 
 class StrategyKind(StrEnum):
@@ -50,12 +65,18 @@ class StrategyKind(StrEnum):
 
 
 class DataSpec(Strict):
-    """Where the rows come from. Exactly one of ``dataset`` and ``path`` names the training set."""
+    """Where the rows come from. Exactly one of ``dataset`` and ``path`` names the training set.
+
+    Text rows are a table (CSV, JSONL, Parquet). Image rows are a folder with one subfolder of
+    images per class (an uploaded zip becomes one), or a table whose ``image_column`` holds
+    image paths relative to the table's own folder.
+    """
 
     dataset: str | None = Field(default=None, description="An uploaded dataset id.")
-    path: str | None = Field(default=None, description="A file under the data root.")
-    format: Literal["auto", "csv", "jsonl", "parquet"] = "auto"
+    path: str | None = Field(default=None, description="A file or folder under the data root.")
+    format: Literal["auto", "csv", "jsonl", "parquet", "folder"] = "auto"
     text_column: str = "text"
+    image_column: str = "image"
     label_column: str = "label"
     validation_dataset: str | None = None
     validation_path: str | None = None
@@ -108,11 +129,52 @@ class EarlyStopping(Strict):
         return "min" if self.metric == "val_loss" else "max"
 
 
-class Augmentation(Strict):
-    """Word dropout: each word of a training sentence is removed with ``probability``."""
+class WordDropout(Strict):
+    """Text: each word of a training sentence is removed with ``probability``."""
 
     kind: Literal["word_dropout"] = "word_dropout"
     probability: float = Field(default=0.1, gt=0, lt=0.5)
+
+
+class ImageAugmentation(Strict):
+    """Images: each training image is changed anew in every epoch, in this order.
+
+    A random crop covering ``crop_scale`` of the image's area (aspect ratio 3/4 to 4/3), resized
+    back to the image's size; a left-right flip with probability one half when ``flip``; a
+    rotation by up to ``rotation_degrees`` either way; brightness, contrast and saturation each
+    scaled by a factor drawn from [1 - ``color_jitter``, 1 + ``color_jitter``]. Set a part to
+    null (or false, or 0) to leave it out.
+    """
+
+    kind: Literal["image"] = "image"
+    crop_scale: tuple[float, float] | None = (0.8, 1.0)
+    flip: bool = True
+    rotation_degrees: float = Field(default=10.0, ge=0, le=180)
+    color_jitter: float = Field(default=0.2, ge=0, lt=1)
+
+    @field_validator("crop_scale")
+    @classmethod
+    def _scale_within_the_image(
+        cls, value: tuple[float, float] | None
+    ) -> tuple[float, float] | None:
+        if value is not None and not 0 < value[0] <= value[1] <= 1:
+            raise ValueError(
+                f"crop_scale {list(value)} must be [low, high] with 0 < low <= high <= 1"
+            )
+        return value
+
+
+def _augmentation_kind(value: Any) -> str:
+    # Specs written before images existed give word dropout without its kind.
+    if isinstance(value, dict):
+        return str(value.get("kind", "word_dropout"))
+    return str(getattr(value, "kind", "word_dropout"))
+
+
+Augmentation = Annotated[
+    Annotated[WordDropout, Tag("word_dropout")] | Annotated[ImageAugmentation, Tag("image")],
+    Discriminator(_augmentation_kind),
+]
 
 
 class Hyperparameters(Strict):
@@ -349,14 +411,15 @@ class JobSpec(Strict):
     model_name: Annotated[str, Field(pattern=MODEL_NAME_PATTERN)] = Field(
         description="The registry name the trained model is versioned under."
     )
+    kind: JobKind = JobKind.FINE_TUNING
     task: Task = Task.TEXT_CLASSIFICATION
     base_model: str = Field(
         default="builtin:minilm",
         description="builtin:NAME, an absolute local folder in Hugging Face format, "
-        "or hub:ORG/NAME@REVISION.",
+        "hub:ORG/NAME@REVISION, or model:NAME[@VERSION] for a registered version's encoder.",
     )
     data: DataSpec
-    strategy: Strategy = Strategy()
+    strategy: Strategy = Field(default_factory=Strategy, validate_default=True)
     hyperparameters: Hyperparameters = Hyperparameters()
     resources: Resources = Resources()
     limits: Limits = Limits()
@@ -377,9 +440,49 @@ class JobSpec(Strict):
             return value
         if value.startswith("/"):
             return value
+        if value.startswith("model:"):
+            if not REGISTRY_REFERENCE.match(value):
+                raise ValueError(f"{value!r} is not model:NAME or model:NAME@VERSION")
+            return value
         raise ValueError(
-            f"{value!r} is not builtin:NAME, an absolute folder, or hub:ORG/NAME@REVISION"
+            f"{value!r} is not builtin:NAME, an absolute folder, hub:ORG/NAME@REVISION "
+            "or model:NAME[@VERSION]"
         )
+
+    @field_validator("strategy")
+    @classmethod
+    def _pretraining_trains_everything(cls, strategy: Strategy, info: ValidationInfo) -> Strategy:
+        if info.data.get("kind") is JobKind.PRETRAINING and strategy.kind is not StrategyKind.FULL:
+            raise ValueError(
+                f"a pretraining job trains every weight from scratch: strategy.kind must be "
+                f"'full', not {strategy.kind.value!r}"
+            )
+        return strategy
+
+    @field_validator("hyperparameters")
+    @classmethod
+    def _augmentation_suits_the_task(
+        cls, hyperparameters: Hyperparameters, info: ValidationInfo
+    ) -> Hyperparameters:
+        augmentation = hyperparameters.augmentation
+        wanted = "image" if info.data.get("task") is Task.IMAGE_CLASSIFICATION else "word_dropout"
+        if augmentation is not None and augmentation.kind != wanted:
+            raise ValueError(
+                f"augmentation kind {augmentation.kind!r} does not suit task "
+                f"{info.data.get('task', Task.TEXT_CLASSIFICATION).value!r}; give kind {wanted!r}"
+            )
+        return hyperparameters
+
+    @field_validator("search")
+    @classmethod
+    def _pretraining_keeps_its_strategy(cls, search: Search | None, info: ValidationInfo) -> Any:
+        if (
+            search is not None
+            and info.data.get("kind") is JobKind.PRETRAINING
+            and "strategy.kind" in search.space
+        ):
+            raise ValueError("a pretraining job cannot search strategy.kind; it is always 'full'")
+        return search
 
     def to_document(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -1,8 +1,10 @@
 """The training loop each Ray Train worker runs, and the metrics it reports.
 
-One loop serves every strategy. Feature extraction computes the frozen encoder's outputs once,
-caches them on disk text by text (jobs/features.py), and trains the head on them; the other
-strategies run the encoder in every step with the frozen part excluded from the optimizer.
+One loop serves every strategy and both tasks. Feature extraction computes the frozen encoder's
+outputs once, caches them on disk input by input (jobs/features.py), and trains the head on
+them; the other strategies run the encoder in every step with the frozen part excluded from
+the optimizer. Texts become token ids and attention masks, images pixel values; a worker
+decodes its images once and, with augmentation, prepares them anew in every epoch.
 Rank 0 writes each epoch's metrics and a log line to the store, and a checkpoint that a
 restarted worker group resumes from.
 """
@@ -29,20 +31,29 @@ import ray.train.torch
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
-from transformers import PreTrainedTokenizerBase
 
 from jobs.errors import MemoryLimitExceeded
 from jobs.features import FeatureCache
+from jobs.images import ImageAugmenter, image_digest, load_image
 from jobs.model import (
-    TransferClassifier,
+    ClassifierModel,
+    Processor,
     apply_strategy,
     build_classifier,
+    load_processor,
     load_state,
-    load_tokenizer,
     parameter_groups,
     save_state,
 )
-from jobs.spec import Augmentation, EarlyStopping, JobSpec, StrategyKind
+from jobs.spec import (
+    EarlyStopping,
+    ImageAugmentation,
+    JobKind,
+    JobSpec,
+    StrategyKind,
+    Task,
+    WordDropout,
+)
 from jobs.store import Store, make_engine
 
 log = logging.getLogger(__name__)
@@ -69,9 +80,9 @@ class TrainingInput:
     base_dir: str
     database_url: str
     label_names: list[str]
-    train_texts: list[str]
+    train_inputs: list[str]  # texts, or absolute image paths
     train_labels: list[int]
-    val_texts: list[str]
+    val_inputs: list[str]
     val_labels: list[int]
     feature_cache: str | None = None
     placement_record: str | None = None
@@ -107,7 +118,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def word_dropout(text: str, augmentation: Augmentation, rng: random.Random) -> str:
+def word_dropout(text: str, augmentation: WordDropout, rng: random.Random) -> str:
     """Drop each word with the configured probability, keeping at least one word."""
     words = text.split()
     kept = [word for word in words if rng.random() >= augmentation.probability]
@@ -115,7 +126,7 @@ def word_dropout(text: str, augmentation: Augmentation, rng: random.Random) -> s
 
 
 def tokenize(
-    tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: int
+    tokenizer: Processor, texts: list[str], max_length: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     encoded = tokenizer(
         texts, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt"
@@ -165,12 +176,39 @@ def in_length_order(
     return result
 
 
+@torch.inference_mode()
+def in_batches(
+    forward: Callable[[torch.Tensor], torch.Tensor], pixels: torch.Tensor, device: torch.device
+) -> torch.Tensor:
+    """``forward`` over batches of images, in float32 on the CPU."""
+    chunks = []
+    for start in range(0, len(pixels), ENCODE_BATCH):
+        with autocast(device):
+            chunks.append(forward(pixels[start : start + ENCODE_BATCH].to(device)).float().cpu())
+    return torch.cat(chunks)
+
+
+def run_forward(
+    forward: Callable[..., torch.Tensor], inputs: tuple[torch.Tensor, ...], device: torch.device
+) -> torch.Tensor:
+    """``forward`` over prepared inputs in batches: token ids and mask, or pixel values."""
+    if len(inputs) == 1:
+        return in_batches(forward, inputs[0], device)
+    ids, mask = inputs
+    return in_length_order(forward, ids, mask, device)
+
+
 def encode_features(
-    model: TransferClassifier, ids: torch.Tensor, mask: torch.Tensor, device: torch.device
+    model: ClassifierModel, inputs: tuple[torch.Tensor, ...], device: torch.device
 ) -> torch.Tensor:
     """The frozen encoder's pooled outputs, ready for the cache."""
     model.eval()
-    return in_length_order(model.features, ids, mask, device)
+    return run_forward(model.features, inputs, device)
+
+
+def pixel_values(processor: Processor, images: list[Any]) -> torch.Tensor:
+    """Images resized and normalised as the model was trained to see them."""
+    return processor(images=images, return_tensors="pt")["pixel_values"]
 
 
 def peak_resident_mib() -> float:
@@ -248,6 +286,7 @@ class Worker:
         self.device = ray.train.torch.get_device()
         self.cancelled = False
         self.frozen_encoder = self.spec.strategy.kind is StrategyKind.FEATURE_EXTRACTION
+        self.images = self.spec.task is Task.IMAGE_CLASSIFICATION
         self.loss_fn = nn.CrossEntropyLoss()
         self.memory_limit = self.spec.limits.memory_mb
         self.last_heartbeat = -math.inf
@@ -300,17 +339,25 @@ class Worker:
         torch.set_num_threads(threads)
         seed_everything(self.hp.seed)
         base_dir = Path(self.job.base_dir)
-        self.tokenizer = load_tokenizer(base_dir)
-        self.model = build_classifier(base_dir, len(self.job.label_names), self.hp.dropout)
+        self.processor = load_processor(base_dir)
+        self.model = build_classifier(
+            base_dir,
+            len(self.job.label_names),
+            self.hp.dropout,
+            pretrained=self.spec.kind is JobKind.FINE_TUNING,
+        )
         apply_strategy(self.model, self.spec.strategy)
         self.model.to(self.device)
+        # Images are decoded once; texts are their own raw form.
+        self.train_items: list[Any] = self.raw_inputs(self.job.train_inputs)
+        self.val_items: list[Any] = self.raw_inputs(self.job.val_inputs)
 
         if self.frozen_encoder:
             train_x, val_x = self.cached_features()
             trained: nn.Module = self.model.head
         else:
-            train_x = tokenize(self.tokenizer, self.job.train_texts, self.hp.max_length)
-            val_x = tokenize(self.tokenizer, self.job.val_texts, self.hp.max_length)
+            train_x = self.model_inputs(self.train_items)
+            val_x = self.model_inputs(self.val_items)
             trained = self.model
         self.val_x = val_x
         self.check_memory()
@@ -326,29 +373,47 @@ class Worker:
         progress = self.restore()
         self.train_epochs(train_x, progress)
 
+    def raw_inputs(self, inputs: list[str]) -> list[Any]:
+        return [load_image(path) for path in inputs] if self.images else inputs
+
+    def model_inputs(self, items: list[Any]) -> tuple[torch.Tensor, ...]:
+        """Token ids and attention masks of texts, or pixel values of images."""
+        if self.images:
+            return (pixel_values(self.processor, items),)
+        return tokenize(self.processor, items, self.hp.max_length)
+
     def cached_features(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The frozen encoder's outputs for the training and validation texts, computed only
-        for texts no earlier job with this encoder and max length has computed."""
-        texts = self.job.train_texts + self.job.val_texts
+        """The frozen encoder's outputs for the training and validation inputs, computed only
+        for inputs no earlier job with this encoder and its settings has computed. Texts are
+        their own keys; images are keyed by their files' contents."""
+        items = self.train_items + self.val_items
+        if self.images:
+            keys = [image_digest(path) for path in self.job.train_inputs + self.job.val_inputs]
+            by_key = dict(zip(keys, items, strict=True))
+
+            def encode(missing: list[str]) -> torch.Tensor:
+                return self.encode([by_key[key] for key in missing])
+        else:
+            keys, encode = items, self.encode
+        noun = "images" if self.images else "texts"
         started = time.perf_counter()
         if self.job.feature_cache is None:
-            features, computed = self.encode(texts), len(texts)
+            features, computed = encode(keys), len(keys)
         else:
             cache = FeatureCache(Path(self.job.feature_cache))
-            features, computed = cache.features(texts, self.encode, write=self.rank == 0)
+            features, computed = cache.features(keys, encode, write=self.rank == 0)
         if computed:
             self.log(
-                f"encoder outputs computed for {computed} of {len(texts)} texts in "
+                f"encoder outputs computed for {computed} of {len(keys)} {noun} in "
                 f"{time.perf_counter() - started:.1f}s; the rest read from the cache"
             )
         else:
-            self.log(f"encoder outputs of all {len(texts)} texts read from the cache")
-        split = len(self.job.train_texts)
+            self.log(f"encoder outputs of all {len(keys)} {noun} read from the cache")
+        split = len(self.train_items)
         return features[:split], features[split:]
 
-    def encode(self, texts: list[str]) -> torch.Tensor:
-        ids, mask = tokenize(self.tokenizer, texts, self.hp.max_length)
-        return encode_features(self.model, ids, mask, self.device)
+    def encode(self, items: list[Any]) -> torch.Tensor:
+        return encode_features(self.model, self.model_inputs(items), self.device)
 
     def restore(self) -> Progress:
         checkpoint = ray.train.get_checkpoint()
@@ -395,7 +460,7 @@ class Worker:
             seed_everything(self.hp.seed + epoch)
             self.rng = random.Random(f"{self.hp.seed}:{self.rank}:{epoch}")
             if self.hp.augmentation is not None and not self.frozen_encoder:
-                train_x = self.augmented_inputs(self.hp.augmentation)
+                train_x = self.augmented_inputs()
             loader = self.loader(train_x)
             if hasattr(loader.sampler, "set_epoch"):
                 loader.sampler.set_epoch(epoch)
@@ -427,9 +492,14 @@ class Worker:
                 )
                 break
 
-    def augmented_inputs(self, augmentation: Augmentation) -> tuple[torch.Tensor, torch.Tensor]:
-        texts = [word_dropout(text, augmentation, self.rng) for text in self.job.train_texts]
-        return tokenize(self.tokenizer, texts, self.hp.max_length)
+    def augmented_inputs(self) -> tuple[torch.Tensor, ...]:
+        augmentation = self.hp.augmentation
+        if isinstance(augmentation, ImageAugmentation):
+            augment = ImageAugmenter(augmentation)
+            return self.model_inputs([augment(image, self.rng) for image in self.train_items])
+        assert isinstance(augmentation, WordDropout)
+        texts = [word_dropout(text, augmentation, self.rng) for text in self.train_items]
+        return self.model_inputs(texts)
 
     def train_one_epoch(self, loader: DataLoader) -> tuple[float, int]:
         self.trained.train()
@@ -438,7 +508,7 @@ class Worker:
             if step % CANCEL_CHECK_STEPS == 0 and self.cancel_requested():
                 break
             *inputs, labels = (tensor.to(self.device) for tensor in batch)
-            if not self.frozen_encoder:
+            if len(inputs) == 2:  # token ids and attention mask
                 inputs = list(trim_padding(*inputs))
             with autocast(self.device):
                 logits = self.trained(*inputs)
@@ -463,8 +533,7 @@ class Worker:
             with autocast(self.device):
                 logits = model(self.val_x.to(self.device)).float().cpu()
         else:
-            ids, mask = self.val_x
-            logits = in_length_order(model, ids, mask, self.device)
+            logits = run_forward(model, self.val_x, self.device)
         loss = float(self.loss_fn(logits, labels))
         predictions = logits.argmax(-1).tolist()
         metrics = classification_metrics(

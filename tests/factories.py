@@ -1,12 +1,15 @@
-"""Small things the tests build: a tiny BERT-shaped base model and labelled data files."""
+"""Small things the tests build: tiny BERT- and ViT-shaped base models and labelled data."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
-from transformers import AutoTokenizer, BertConfig, BertModel
+from PIL import Image
+from transformers import AutoTokenizer, BertConfig, BertModel, ViTConfig, ViTModel
+from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
 
 from jobs.builtins import builtin_model_dir
 from server.demo import read_sentiment_file
@@ -31,6 +34,61 @@ def build_tiny_bert(target: Path) -> Path:
     )
     BertModel(config).save_pretrained(target, safe_serialization=True)
     AutoTokenizer.from_pretrained(builtin_model_dir("minilm")).save_pretrained(target)
+    return target
+
+
+def build_tiny_vit(target: Path, *, image_size: int = 16, weights: bool = True) -> Path:
+    """A 2-layer, 32-wide ViT on 16x16 images in 4x4 patches, with its image processor.
+
+    Without ``weights`` the folder holds the configuration alone: what a pretraining job starts
+    from.
+    """
+    torch.manual_seed(0)
+    config = ViTConfig(
+        image_size=image_size,
+        patch_size=4,
+        num_channels=3,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+    )
+    if weights:
+        ViTModel(config).save_pretrained(target, safe_serialization=True)
+    else:
+        config.save_pretrained(target)
+    processor = ViTImageProcessorPil(
+        size={"height": image_size, "width": image_size},
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+    )
+    processor.save_pretrained(target)
+    return target
+
+
+def digit_images(digits: list[int], per_class: int | None = None) -> list[tuple[Image.Image, int]]:
+    """scikit-learn's UCI handwritten digits (8x8, 16 grey levels) as 16x16 greyscale images."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    found: list[tuple[Image.Image, int]] = []
+    taken = dict.fromkeys(digits, 0)
+    for pixels, label in zip(data.images, data.target, strict=True):
+        label = int(label)
+        if label not in taken or (per_class is not None and taken[label] >= per_class):
+            continue
+        taken[label] += 1
+        grey = Image.fromarray((pixels * 255 / 16).astype(np.uint8), mode="L")
+        found.append((grey.resize((16, 16), Image.Resampling.NEAREST), label))
+    return found
+
+
+def write_image_folder(images: list[tuple[Image.Image, int]], target: Path) -> Path:
+    """One subfolder of PNG files per class."""
+    for index, (image, label) in enumerate(images):
+        folder = target / str(label)
+        folder.mkdir(parents=True, exist_ok=True)
+        image.save(folder / f"{index:05d}.png")
     return target
 
 

@@ -26,7 +26,7 @@ class CountingEncoder:
     def __call__(self, texts: list[str]) -> torch.Tensor:
         self.encoded += len(texts)
         ids, mask = tokenize(self.tokenizer, texts, 32)
-        return encode_features(self.model, ids, mask, torch.device("cpu"))
+        return encode_features(self.model, (ids, mask), torch.device("cpu"))
 
 
 def test_a_second_job_with_the_same_texts_encodes_nothing(
@@ -72,6 +72,6 @@ def test_trimmed_padding_gives_the_features_of_full_padding(tiny_model_dir: Path
     ids, mask = tokenize(encoder.tokenizer, TEXTS, 64)
     with torch.inference_mode():
         full = encoder.model.features(ids, mask)
-    trimmed = encode_features(encoder.model, ids, mask, torch.device("cpu"))
+    trimmed = encode_features(encoder.model, (ids, mask), torch.device("cpu"))
     assert mask[:, -1].sum() == 0, "the texts must be shorter than max_length for this test"
     assert torch.allclose(trimmed, full, atol=1e-5)

@@ -62,7 +62,7 @@ def lora_model(base_dir: Path, seed: int = 0, **strategy: Any) -> TransferClassi
 
 @torch.inference_mode()
 def probabilities(model: TransferClassifier, classifier: Classifier) -> torch.Tensor:
-    encoded = classifier.tokenizer(TEXTS, padding=True, truncation=True, return_tensors="pt")
+    encoded = classifier.processor(TEXTS, padding=True, truncation=True, return_tensors="pt")
     return torch.softmax(model(encoded["input_ids"], encoded["attention_mask"]), dim=-1)
 
 

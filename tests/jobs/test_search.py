@@ -9,7 +9,7 @@ from ray.tune.search.sample import Categorical, Float, Integer, LogUniform
 from jobs.errors import SpecInvalid
 from jobs.search import check_search, corners, search_metric, trial_spec, tune_space
 from jobs.settings import Settings
-from jobs.spec import Augmentation, JobSpec, parse_spec
+from jobs.spec import JobSpec, WordDropout, parse_spec
 from jobs.store import Job, Store, TrialState, new_id
 
 MINIMAL = {"model_name": "reviews", "data": {"path": "amazon.csv"}}
@@ -223,7 +223,7 @@ def test_a_trial_spec_carries_the_trial_values_and_no_search() -> None:
     trial = trial_spec(spec, {**values, "strategy.frozen_layers": 1})
     assert trial.search is None
     assert trial.hyperparameters.head_lr == 0.005
-    assert trial.hyperparameters.augmentation == Augmentation()
+    assert trial.hyperparameters.augmentation == WordDropout()
     assert trial.strategy.frozen_layers == 1
     off = trial_spec(spec, {"hyperparameters.augmentation": False})
     assert off.hyperparameters.augmentation is None
