@@ -2,7 +2,7 @@
 
 Every path a spec names is resolved under the data root and refused if it leaves it, however
 it is spelled. A dataset is checked in full at submission, so a job never queues on data that
-would fail it.
+would fail it: for images, every file's header is read and every unusable image named.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import io
 import json
 import logging
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -22,19 +23,30 @@ import numpy as np
 import pandas as pd
 
 from jobs.errors import DatasetInvalid, NotFound, PathRefused, TooLarge
+from jobs.images import (
+    check_images,
+    extract_zip,
+    image_digest,
+    read_image_folder,
+    resolve_image_paths,
+)
 from jobs.remote import fetch
 from jobs.settings import Settings
-from jobs.spec import DataSpec
+from jobs.spec import DataSpec, Task
 from jobs.store import Dataset, Store, new_id
 
 log = logging.getLogger(__name__)
 
 FORMATS_BY_SUFFIX = {".csv": "csv", ".jsonl": "jsonl", ".parquet": "parquet"}
+# An uploaded zip is a folder of images, one subfolder per class.
+UPLOAD_SUFFIXES = {**FORMATS_BY_SUFFIX, ".zip": "folder"}
 CHUNK_BYTES = 1024 * 1024
 
 
 @dataclass(frozen=True)
 class LabelledRows:
+    """Inputs and their labels: texts, or for images absolute paths of image files."""
+
     texts: list[str]
     labels: list[str]
 
@@ -54,8 +66,9 @@ class PreparedData:
         return [index[label] for label in rows.labels]
 
 
-def resolve_data_path(raw: str, data_root: Path) -> Path:
-    """Return the file ``raw`` names under ``data_root``, or refuse it.
+def resolve_data_path(raw: str, data_root: Path, *, folders: bool = False) -> Path:
+    """Return the file (or with ``folders`` the file or folder) ``raw`` names under
+    ``data_root``, or refuse it.
 
     Refused: absolute paths, URLs, backslashes, any ``..`` (also percent-encoded, once or more),
     and symlinks that resolve outside the root.
@@ -86,7 +99,7 @@ def resolve_data_path(raw: str, data_root: Path) -> Path:
         raise PathRefused(
             f"dataset path {raw!r} refused: it resolves outside the data root", field="data.path"
         )
-    if not candidate.is_file():
+    if not (candidate.is_file() or (folders and candidate.is_dir())):
         raise PathRefused(
             f"dataset path {raw!r} does not exist under the data root {str(root)!r}",
             field="data.path",
@@ -97,6 +110,8 @@ def resolve_data_path(raw: str, data_root: Path) -> Path:
 def detect_format(path: Path, declared: str = "auto") -> str:
     if declared != "auto":
         return declared
+    if path.is_dir():
+        return "folder"
     found = FORMATS_BY_SUFFIX.get(path.suffix.lower())
     if found is None:
         accepted = ", ".join(sorted(FORMATS_BY_SUFFIX))
@@ -130,9 +145,13 @@ def read_table(path: Path, fmt: str) -> pd.DataFrame:
         raise DatasetInvalid(f"{path.name!r} is not valid {fmt.upper()}: {exc}") from None
 
 
-def labelled_rows(frame: pd.DataFrame, spec: DataSpec, name: str) -> LabelledRows:
-    """Pick the text and label columns out of ``frame``, refusing what cannot be trained on."""
-    for role, column in (("text_column", spec.text_column), ("label_column", spec.label_column)):
+def labelled_rows(
+    frame: pd.DataFrame, spec: DataSpec, name: str, task: Task = Task.TEXT_CLASSIFICATION
+) -> LabelledRows:
+    """Pick the input and label columns out of ``frame``, refusing what cannot be trained on."""
+    input_role = "image_column" if task is Task.IMAGE_CLASSIFICATION else "text_column"
+    input_column = getattr(spec, input_role)
+    for role, column in ((input_role, input_column), ("label_column", spec.label_column)):
         if column not in frame.columns:
             available = ", ".join(repr(str(c)) for c in frame.columns)
             raise DatasetInvalid(
@@ -141,12 +160,12 @@ def labelled_rows(frame: pd.DataFrame, spec: DataSpec, name: str) -> LabelledRow
             )
     if frame.empty:
         raise DatasetInvalid(f"{name!r} has no rows", field="data")
-    texts = frame[spec.text_column]
+    texts = frame[input_column]
     labels = frame[spec.label_column]
     missing = int((texts.isna() | (texts.astype(str).str.strip() == "")).sum())
     if missing:
         raise DatasetInvalid(
-            f"{name!r} has {missing} rows with an empty {spec.text_column!r}", field="data"
+            f"{name!r} has {missing} rows with an empty {input_column!r}", field="data"
         )
     if labels.isna().any():
         raise DatasetInvalid(
@@ -171,7 +190,9 @@ class DataCatalog:
         self.settings = settings
         self.store = store
 
-    def locate(self, dataset_id: str | None, path: str | None, field: str) -> Path:
+    def locate(
+        self, dataset_id: str | None, path: str | None, field: str, *, folders: bool = False
+    ) -> Path:
         root = self.settings.resolved_data_root()
         if dataset_id is not None:
             try:
@@ -181,27 +202,68 @@ class DataCatalog:
             return root / dataset.path
         assert path is not None
         try:
-            return resolve_data_path(path, root)
+            return resolve_data_path(path, root, folders=folders)
         except PathRefused as exc:
             raise PathRefused(exc.message, field=field) from None
 
-    def load(self, spec: DataSpec, *, seed: int) -> PreparedData:
+    def rows(
+        self,
+        dataset_id: str | None,
+        path: str | None,
+        spec: DataSpec,
+        task: Task,
+        field: str,
+    ) -> tuple[LabelledRows, str]:
+        """One dataset's labelled rows, checked, and a digest of its contents.
+
+        Text rows come from a table. Image rows come from a folder of class folders, or from
+        a table whose image column names files relative to the table; every image is checked.
+        """
+        images = task is Task.IMAGE_CLASSIFICATION
+        location = self.locate(dataset_id, path, field, folders=True)
+        fmt = detect_format(location, spec.format)
+        if not images:
+            if fmt == "folder":
+                raise DatasetInvalid(
+                    f"{location.name!r} is a folder; a text dataset is a CSV, JSONL or Parquet "
+                    "file",
+                    field=field,
+                )
+            rows = labelled_rows(read_table(location, fmt), spec, location.name)
+            return rows, file_sha256(location)
+        if fmt == "folder":
+            if not location.is_dir():
+                raise DatasetInvalid(
+                    f"{location.name!r} is a file, but data.format says 'folder'", field=field
+                )
+            paths, labels = read_image_folder(location)
+            rows = LabelledRows(paths, labels)
+        else:
+            table = labelled_rows(read_table(location, fmt), spec, location.name, task)
+            root = self.settings.resolved_data_root()
+            paths = resolve_image_paths(table.texts, location.parent, root, spec.image_column)
+            rows = LabelledRows(paths, table.labels)
+        check_images(rows.texts, shown_relative_to=self.settings.resolved_data_root())
+        digest = hashlib.sha256()
+        for image, label in zip(rows.texts, rows.labels, strict=True):
+            digest.update(f"{image_digest(image)}:{label}\n".encode())
+        return rows, digest.hexdigest()
+
+    def load(
+        self, spec: DataSpec, *, seed: int, task: Task = Task.TEXT_CLASSIFICATION
+    ) -> PreparedData:
         """Read, check and split the data a spec names; deterministic for a given seed."""
-        train_path = self.locate(
-            spec.dataset, spec.path, "data.dataset" if spec.dataset else "data.path"
-        )
-        train = labelled_rows(
-            read_table(train_path, detect_format(train_path, spec.format)), spec, train_path.name
-        )
-        digest = hashlib.sha256(file_sha256(train_path).encode())
+        train_field = "data.dataset" if spec.dataset else "data.path"
+        train, train_digest = self.rows(spec.dataset, spec.path, spec, task, train_field)
+        train_name = spec.dataset or spec.path or ""
+        digest = hashlib.sha256(train_digest.encode())
 
         if spec.has_validation_file:
             field = "data.validation_dataset" if spec.validation_dataset else "data.validation_path"
-            val_path = self.locate(spec.validation_dataset, spec.validation_path, field)
-            validation = labelled_rows(
-                read_table(val_path, detect_format(val_path, spec.format)), spec, val_path.name
+            validation, val_digest = self.rows(
+                spec.validation_dataset, spec.validation_path, spec, task, field
             )
-            digest.update(file_sha256(val_path).encode())
+            digest.update(val_digest.encode())
         else:
             train, validation = stratified_split(train, spec.validation_split, seed)
             digest.update(f"split={spec.validation_split},seed={seed}".encode())
@@ -209,7 +271,7 @@ class DataCatalog:
         label_names = sorted(set(train.labels))
         if len(label_names) < 2:
             raise DatasetInvalid(
-                f"{train_path.name!r} has one class only ({label_names[0]!r}); a classifier "
+                f"{train_name!r} has one class only ({label_names[0]!r}); a classifier "
                 "needs at least two",
                 field="data.label_column",
             )
@@ -224,24 +286,33 @@ class DataCatalog:
         return PreparedData(train, validation, label_names, digest.hexdigest())
 
     def save_upload(self, stream: BinaryIO, filename: str, *, name: str | None = None) -> Dataset:
-        """Store an uploaded file under the data root, refusing it past the size limit."""
+        """Store an uploaded file under the data root, refusing it past the size limit.
+
+        A zip of images is unpacked into a folder (entries that would land outside it are
+        refused) and checked image by image, so a bad upload is refused with every bad file.
+        """
         suffix = Path(filename).suffix.lower()
-        fmt = FORMATS_BY_SUFFIX.get(suffix)
+        fmt = UPLOAD_SUFFIXES.get(suffix)
         if fmt is None:
-            accepted = ", ".join(sorted(FORMATS_BY_SUFFIX))
+            accepted = ", ".join(sorted(UPLOAD_SUFFIXES))
             raise DatasetInvalid(
                 f"upload {filename!r} has suffix {suffix!r}; accepted: {accepted}", field="file"
             )
         dataset_id = new_id("ds")
-        relative = Path("uploads") / dataset_id / f"data{suffix}"
-        target = self.settings.resolved_data_root() / relative
+        folder = Path("uploads") / dataset_id
+        target = self.settings.resolved_data_root() / folder / f"data{suffix}"
         target.parent.mkdir(parents=True, exist_ok=True)
         size, digest = self._copy_limited(stream, target)
         try:
-            frame = read_table(target, fmt)
-        except DatasetInvalid:
-            target.unlink(missing_ok=True)
-            target.parent.rmdir()
+            if fmt == "folder":
+                images = self._unpack_images(target, target.parent / "images")
+                relative = folder / images.relative_to(target.parent)
+                rows = len(read_image_folder(images)[0])
+            else:
+                relative = folder / target.name
+                rows = len(read_table(target, fmt))
+        except (DatasetInvalid, PathRefused):
+            shutil.rmtree(target.parent, ignore_errors=True)
             raise
         dataset = Dataset(
             id=dataset_id,
@@ -250,11 +321,32 @@ class DataCatalog:
             format=fmt,
             sha256=digest,
             size_bytes=size,
-            rows=len(frame),
+            rows=rows,
         )
         (target.parent / "meta.json").write_text(json.dumps({"filename": filename}))
-        log.info("dataset %s: stored %r, %d rows, %d bytes", dataset_id, filename, len(frame), size)
+        log.info("dataset %s: stored %r, %d rows, %d bytes", dataset_id, filename, rows, size)
         return self.store.add_dataset(dataset)
+
+    def _unpack_images(self, archive: Path, target: Path) -> Path:
+        """Unpack a zip of class folders and check every image; the archive is then removed.
+
+        Returns the folder that holds the class folders: ``target``, or the one folder inside
+        it when the zip wraps everything in a folder of its own, as zipping a folder does.
+        """
+        try:
+            extract_zip(archive, target, max_bytes=self.settings.max_upload_bytes * 4)
+            entries = [e for e in target.iterdir() if not e.name.startswith((".", "__MACOSX"))]
+            classes = target
+            if len(entries) == 1 and entries[0].is_dir():
+                inside = [e for e in entries[0].iterdir() if not e.name.startswith(".")]
+                if inside and all(e.is_dir() for e in inside):
+                    classes = entries[0]
+            paths, _ = read_image_folder(classes)
+            check_images(paths, shown_relative_to=classes)
+        except (DatasetInvalid, PathRefused) as exc:
+            raise type(exc)(exc.message, field="file") from None
+        archive.unlink()
+        return classes
 
     def import_url(self, url: str, *, name: str | None = None) -> Dataset:
         """Fetch a dataset from an http(s) URL through the guard in jobs/remote.py and store it

@@ -14,19 +14,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from jobs.errors import ModelUnavailable, NotFound
 from jobs.inference import Classifier
 from jobs.model import (
     ADAPTER_DIR,
-    TransferClassifier,
+    ENCODER_DIR,
+    ClassifierModel,
     apply_strategy,
     build_classifier,
     count_parameters,
+    is_lora_folder,
     load_state,
+    resolve_base_model,
     save_classifier,
     save_lora_classifier,
 )
 from jobs.settings import Settings
-from jobs.spec import JobSpec, StrategyKind
+from jobs.spec import REGISTRY_REFERENCE, JobKind, JobSpec, StrategyKind
 from jobs.store import ModelVersion, Store
 
 log = logging.getLogger(__name__)
@@ -109,7 +113,9 @@ class Registry:
         staging = target.with_name(f".{job_id}.partial")
         shutil.rmtree(staging, ignore_errors=True)
 
-        model = build_classifier(base_dir, len(label_names), dropout=0.0)
+        model = build_classifier(
+            base_dir, len(label_names), dropout=0.0, pretrained=spec.kind is JobKind.FINE_TUNING
+        )
         apply_strategy(model, spec.strategy)
         trained = model.head if spec.strategy.kind is StrategyKind.FEATURE_EXTRACTION else model
         load_state(trained, weights)
@@ -144,6 +150,27 @@ class Registry:
         """Trained and total parameters of a version, and the bytes it takes on disk."""
         return dict(json.loads((self.folder(version) / FOOTPRINT_FILE).read_text()))
 
+    def base_version(self, reference: str) -> ModelVersion:
+        """The version a ``model:NAME[@VERSION]`` base names; without a version, production."""
+        match = REGISTRY_REFERENCE.match(reference)
+        assert match is not None, "the spec validated the form"
+        name = match["name"]
+        try:
+            if match["version"] is not None:
+                return self.store.get_version(name, int(match["version"]))
+            version = self.production(name)
+        except NotFound:
+            raise ModelUnavailable(
+                f"base model {reference!r}: no such registered model version", field="base_model"
+            ) from None
+        if version is None:
+            raise ModelUnavailable(
+                f"base model {reference!r}: model {name!r} has no production version; name one "
+                f"as model:{name}@VERSION",
+                field="base_model",
+            )
+        return version
+
     def production(self, name: str) -> ModelVersion | None:
         model = self.store.get_model(name)
         if model.production_version is None:
@@ -174,7 +201,38 @@ class Registry:
         return decision
 
 
-def measure_footprint(model: TransferClassifier, folder: Path) -> dict[str, int]:
+def resolve_base(spec: JobSpec, settings: Settings, store: Store) -> Path:
+    """The local folder of a spec's base model.
+
+    A registered version (``model:NAME[@VERSION]``) lends its encoder folder, a base model in
+    Hugging Face format; that is how a pretrained model is fine-tuned. A pretraining job needs
+    only its base's configuration.
+    """
+    if not spec.base_model.startswith("model:"):
+        return resolve_base_model(spec.base_model, weights=spec.kind is JobKind.FINE_TUNING)
+    registry = Registry(settings, store)
+    version = registry.base_version(spec.base_model)
+    folder = registry.folder(version)
+    if is_lora_folder(folder):
+        raise ModelUnavailable(
+            f"base model {spec.base_model!r} is {version.model_name} v{version.version}, a LoRA "
+            "version: it holds adapters, not an encoder to fine-tune; use its base model",
+            field="base_model",
+        )
+    return folder / ENCODER_DIR
+
+
+def pin_base(spec: JobSpec, settings: Settings, store: Store) -> JobSpec:
+    """Name the exact version a ``model:NAME`` base is today, so that a job, its retries and
+    its retraining jobs all start from the same weights whatever is promoted later."""
+    if not spec.base_model.startswith("model:") or "@" in spec.base_model:
+        return spec
+    version = Registry(settings, store).base_version(spec.base_model)
+    pinned = f"model:{version.model_name}@{version.version}"
+    return spec.model_copy(update={"base_model": pinned})
+
+
+def measure_footprint(model: ClassifierModel, folder: Path) -> dict[str, int]:
     """What a version costs: parameters trained and in all, and bytes on disk (adapters apart,
     for LoRA, since those are what each further version of the same base adds)."""
     parameters = count_parameters(model)

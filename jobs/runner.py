@@ -24,19 +24,11 @@ import ray
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from jobs.data import (
-    DataCatalog,
-    LabelledRows,
-    PreparedData,
-    detect_format,
-    labelled_rows,
-    read_table,
-)
+from jobs.data import DataCatalog, LabelledRows, PreparedData
 from jobs.errors import NotFound, TuneloopError
 from jobs.failures import Failure, FailureCode, classify, first_line, limit_breach
 from jobs.features import cache_folder
-from jobs.model import resolve_base_model
-from jobs.registry import Registry
+from jobs.registry import Registry, resolve_base
 from jobs.settings import Settings
 from jobs.spec import JobSpec, StrategyKind
 from jobs.store import Job, JobStatus, Store, utcnow
@@ -62,9 +54,11 @@ def job_process_name(job_id: str) -> str:
 def build_trainer(
     job: Job, spec: JobSpec, settings: Settings
 ) -> tuple[TorchTrainer, PreparedData, Path]:
-    base_dir = resolve_base_model(spec.base_model)
-    catalog = DataCatalog(settings, Store.open(settings.resolved_database_url(), upgrade=False))
-    data = catalog.load(spec.data, seed=spec.hyperparameters.seed)
+    store = Store.open(settings.resolved_database_url(), upgrade=False)
+    base_dir = resolve_base(spec, settings, store)
+    data = DataCatalog(settings, store).load(
+        spec.data, seed=spec.hyperparameters.seed, task=spec.task
+    )
     cache = None
     if spec.strategy.kind is StrategyKind.FEATURE_EXTRACTION:
         root = settings.cache_dir() / "features"
@@ -75,9 +69,9 @@ def build_trainer(
         base_dir=str(base_dir),
         database_url=settings.resolved_database_url(),
         label_names=data.label_names,
-        train_texts=data.train.texts,
+        train_inputs=data.train.texts,
         train_labels=data.label_ids(data.train),
-        val_texts=data.validation.texts,
+        val_inputs=data.validation.texts,
         val_labels=data.label_ids(data.validation),
         feature_cache=cache,
         placement_record=str(job_placement_folder(settings, job.id) / "workers"),
@@ -250,9 +244,10 @@ def challenge_rows(spec: JobSpec, data: PreparedData, catalog: DataCatalog) -> L
     """The labelled rows champion and challenger are compared on (see Serving)."""
     if spec.serving.challenge_dataset is None:
         return data.validation
-    path = catalog.locate(spec.serving.challenge_dataset, None, "serving.challenge_dataset")
-    frame = read_table(path, detect_format(path))
-    return labelled_rows(frame, spec.data, path.name)
+    rows, _ = catalog.rows(
+        spec.serving.challenge_dataset, None, spec.data, spec.task, "serving.challenge_dataset"
+    )
+    return rows
 
 
 def json_file(path: Path) -> dict[str, Any]:

@@ -46,9 +46,10 @@ from ray.util.placement_group import (
 
 from jobs.data import DataCatalog, PreparedData
 from jobs.errors import SpecInvalid, TuneloopError
-from jobs.model import check_strategy, resolve_base_model
+from jobs.model import check_strategy
+from jobs.registry import resolve_base
 from jobs.settings import Settings
-from jobs.spec import Distribution, JobSpec, Search, parse_spec
+from jobs.spec import Distribution, JobSpec, Search, Task, parse_spec
 from jobs.store import Job, Store, TrialState, make_engine
 from jobs.train import train_loop_per_worker
 
@@ -141,8 +142,10 @@ def trial_spec(spec: JobSpec, values: dict[str, Any]) -> JobSpec:
     document["search"] = None
     for path, value in values.items():
         section, name = path.split(".")
-        if path == AUGMENTATION:
-            value = {} if value is True else None if value is False else value
+        if path == AUGMENTATION and isinstance(value, bool):
+            # True means the task's augmentation with its defaults.
+            kind = "image" if spec.task is Task.IMAGE_CLASSIFICATION else "word_dropout"
+            value = {"kind": kind} if value else None
         document[section][name] = value
     return parse_spec(document)
 
@@ -609,7 +612,9 @@ def winner(
     return SearchOutcome(
         spec=chosen,
         checkpoint=Path(best.checkpoint),
-        data=DataCatalog(settings, store).load(chosen.data, seed=chosen.hyperparameters.seed),
-        base_dir=resolve_base_model(chosen.base_model),
+        data=DataCatalog(settings, store).load(
+            chosen.data, seed=chosen.hyperparameters.seed, task=chosen.task
+        ),
+        base_dir=resolve_base(chosen, settings, store),
         summary=summary,
     )

@@ -11,7 +11,8 @@ from sqlalchemy.exc import IntegrityError
 
 from jobs.data import DataCatalog
 from jobs.errors import Conflict
-from jobs.model import check_strategy, resolve_base_model
+from jobs.model import check_strategy, check_task
+from jobs.registry import pin_base, resolve_base
 from jobs.search import check_search
 from jobs.settings import Settings
 from jobs.spec import JobSpec
@@ -41,10 +42,14 @@ def submit_job(
         if existing is not None:
             return existing
 
-    base_dir = resolve_base_model(spec.base_model)
+    spec = pin_base(spec, settings, store)
+    base_dir = resolve_base(spec, settings, store)
+    check_task(spec.task, base_dir)
     check_strategy(spec.strategy, base_dir)
     check_search(spec, settings, base_dir)
-    prepared = DataCatalog(settings, store).load(spec.data, seed=spec.hyperparameters.seed)
+    prepared = DataCatalog(settings, store).load(
+        spec.data, seed=spec.hyperparameters.seed, task=spec.task
+    )
 
     job = Job(
         id=new_id("job"),
