@@ -24,6 +24,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     String,
     Text,
     UniqueConstraint,
@@ -219,10 +220,14 @@ class Prediction(Base):
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     model_name: Mapped[str] = mapped_column(String(64))
     version: Mapped[int] = mapped_column(Integer)
+    # The text, or for an image "image:" and its path under the data root.
     text: Mapped[str] = mapped_column(Text)
     label: Mapped[str] = mapped_column(String(255))
     probabilities: Mapped[dict[str, float]] = mapped_column(JSON)
     at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    # Image models only: the model's own pooled features of the input, float32 bytes, which the
+    # drift monitor compares instead of re-encoding every image.
+    embedding: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True, default=None)
 
     __table_args__ = (Index("ix_predictions_model_version_at", "model_name", "version", "at"),)
 

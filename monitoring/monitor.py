@@ -6,12 +6,17 @@ on them), stores the verdict with its Evidently report, updates the drift gauges
 retrain policy whether to start a retraining job: the production spec, retrained on its data
 plus the labelled feedback since, judged against the champion on recent labelled rows it never
 trained on.
+
+Texts are compared through MiniLM sentence embeddings, whatever model serves them, and their
+lengths and vocabulary. Images are compared through the served model's own embeddings, which
+the predictor logs with each image, and have no length or vocabulary checks.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import threading
 import time
@@ -20,6 +25,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import ray
 
@@ -29,13 +35,14 @@ from jobs.errors import TuneloopError
 from jobs.inference import Classifier
 from jobs.registry import Registry
 from jobs.settings import Settings
-from jobs.spec import JobSpec
+from jobs.spec import JobSpec, Task
 from jobs.store import Dataset, DriftReport, ModelVersion, Store, new_id, utcnow
 from jobs.submission import submit_job
-from monitoring.drift import DriftConfig, DriftResult, Window, check_drift
+from monitoring.drift import CheckName, DriftConfig, DriftResult, Window, check_drift
 from monitoring.embeddings import TextEncoder
 from monitoring.metrics import recorder
 from monitoring.policy import RetrainDecision, decide_retrain
+from monitoring.prediction_log import IMAGE_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +50,7 @@ MONITOR_NAME = "tuneloop-monitor"
 NAMESPACE = "tuneloop"
 MIN_LABELLED_FOR_RETRAIN = 30
 MIN_CHALLENGE_ROWS = 20
+IMAGE_CHECKS: tuple[CheckName, ...] = ("embedding", "predicted_label", "accuracy")
 
 
 @dataclass(frozen=True)
@@ -115,18 +123,26 @@ class Monitor:
             )
             return None
 
+        images = spec.task is Task.IMAGE_CLASSIFICATION
+        if images:
+            logged = [p for p in logged if p.embedding is not None]
         labels = {pid: label for _, label, pid in self.store.labelled_feedback(name) if pid}
         texts = [p.text for p in logged]
         current = Window(
             texts=texts,
-            embeddings=self.encoder.encode(texts),
+            embeddings=(
+                np.stack([np.frombuffer(p.embedding or b"", dtype=np.float32) for p in logged])
+                if images
+                else self.encoder.encode(texts)
+            ),
             predicted_labels=[p.label for p in logged],
             true_labels=[labels.get(p.id) for p in logged],
         )
         reference = self.reference(version, spec)
-        result = check_drift(
-            reference, current, DriftConfig(alpha=settings.alpha), render_html=True
-        )
+        config = DriftConfig(alpha=settings.alpha)
+        if images:
+            config = DriftConfig(alpha=settings.alpha, checks=IMAGE_CHECKS)
+        result = check_drift(reference, current, config, render_html=True)
         report = self.store_report(version, result)
         self.export_gauges(name, result)
         decision = self.apply_policy(version, spec, result, len(logged), report)
@@ -144,13 +160,16 @@ class Monitor:
         """A sample of the version's training rows, embedded and predicted; cached per version."""
         key = (version.model_name, version.version)
         if key not in self._references:
-            data = self.catalog.load(spec.data, seed=spec.hyperparameters.seed)
+            data = self.catalog.load(spec.data, seed=spec.hyperparameters.seed, task=spec.task)
             rows = sample_rows(data.train, spec.monitoring.reference_size, seed=0)
             classifier = Classifier(self.registry.folder(version))
-            predicted = classifier.probabilities(rows.texts).argmax(-1)
+            probabilities, features = classifier.forward(rows.texts)
+            predicted = probabilities.argmax(-1)
             self._references[key] = Window(
                 texts=rows.texts,
-                embeddings=self.encoder.encode(rows.texts),
+                embeddings=features
+                if classifier.is_image_model
+                else self.encoder.encode(rows.texts),
                 predicted_labels=[classifier.label_names[i] for i in predicted],
                 true_labels=list(rows.labels),
             )
@@ -233,24 +252,30 @@ class Monitor:
     ) -> str:
         """Queue the production spec on its data plus recent labels; returns the job id."""
         name = version.model_name
-        rows = list(feedback)
+        images = spec.task is Task.IMAGE_CLASSIFICATION
+        rows = [(self.table_path(t, images), y, p) for t, y, p in feedback]
+        if images:  # labelled rows sent as text cannot train an image model
+            rows = [row for row in rows if row[0] is not None]
         random.Random(report_id).shuffle(rows)
         held = max(MIN_CHALLENGE_ROWS, int(len(rows) * spec.monitoring.retrain.holdout_fraction))
         challenge, extra = rows[:held], rows[held:]
-        data = self.catalog.load(spec.data, seed=spec.hyperparameters.seed)
+        data = self.catalog.load(spec.data, seed=spec.hyperparameters.seed, task=spec.task)
+        column = "image" if images else "text"
         original = pd.DataFrame(
             {
-                "text": data.train.texts + data.validation.texts,
+                column: [
+                    self.table_path(t, images) for t in data.train.texts + data.validation.texts
+                ],
                 "label": data.train.labels + data.validation.labels,
             }
         )
         learned = pd.DataFrame(
-            {"text": [t for t, _, _ in extra], "label": [y for _, y, _ in extra]}
+            {column: [t for t, _, _ in extra], "label": [y for _, y, _ in extra]}
         )
         train_set = self.save_dataset(pd.concat([original, learned]), f"{name}-{report_id}-train")
         judge_set = self.save_dataset(
             pd.DataFrame(
-                {"text": [t for t, _, _ in challenge], "label": [y for _, y, _ in challenge]}
+                {column: [t for t, _, _ in challenge], "label": [y for _, y, _ in challenge]}
             ),
             f"{name}-{report_id}-judge",
         )
@@ -258,7 +283,7 @@ class Monitor:
         document = spec.to_document()
         document["data"] = {
             "dataset": train_set.id,
-            "text_column": "text",
+            f"{column}_column": column,
             "label_column": "label",
             "validation_split": spec.data.validation_split,
         }
@@ -281,6 +306,21 @@ class Monitor:
         )
         self.metrics.inc("tuneloop_retrains_total", {"model": name})
         return job.id
+
+    def table_path(self, item: str, images: bool) -> str | None:
+        """A row's input as a retraining table holds it: the text itself, or an image's path
+        relative to the table. Every upload's table lies at ``uploads/ID/``, so one relative
+        path serves whatever id the table gets. None for a text row given to an image model."""
+        if not images:
+            return item
+        root = self.settings.resolved_data_root()
+        if item.startswith(IMAGE_PREFIX):
+            path = root / item.removeprefix(IMAGE_PREFIX)
+        elif Path(item).is_absolute():
+            path = Path(item)
+        else:
+            return None
+        return os.path.relpath(path, self.settings.uploads_dir() / "ID")
 
     def save_dataset(self, frame: pd.DataFrame, name: str) -> Dataset:
         relative = Path("retrain") / f"{name}.csv"

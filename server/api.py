@@ -49,6 +49,9 @@ from server.schemas import (
 
 log = logging.getLogger(__name__)
 
+# As many images as PredictIn takes inputs.
+MAX_PREDICT_FILES = 256
+
 
 class Services:
     """What the routes work with, made once per API replica."""
@@ -271,13 +274,40 @@ async def drift_report_document(
 
 @router.post("/models/{name}/predict", response_model=PredictOut, tags=["models"])
 async def predict(request: Request, name: str, body: PredictIn) -> PredictOut:
+    return await _predict(request, name, body.inputs, "inputs")
+
+
+async def _predict(
+    request: Request, name: str, inputs: list[str] | list[bytes], field: str
+) -> PredictOut:
     try:
-        result = await services(request).predictor.predict.remote(name, body.inputs)
+        result = await services(request).predictor.predict.remote(name, inputs, field)
     except BackPressureError as exc:
         raise Overloaded(
             f"the predictor is at capacity ({exc.message}); retry after the Retry-After seconds"
         ) from None
     return PredictOut.model_validate(result)
+
+
+@router.post("/models/{name}/predict/upload", response_model=PredictOut, tags=["models"])
+async def predict_upload(
+    request: Request,
+    name: str,
+    files: Annotated[list[UploadFile], File(description="Image files, one prediction each.")],
+) -> PredictOut:
+    """Classify uploaded image files, answered in the order they were sent."""
+    limit = services(request).settings.max_upload_bytes
+    if not 1 <= len(files) <= MAX_PREDICT_FILES:
+        raise TooLarge(f"send 1 to {MAX_PREDICT_FILES} files, not {len(files)}", field="files")
+    contents = []
+    for index, upload in enumerate(files):
+        data = await upload.read(limit + 1)
+        if len(data) > limit:
+            raise TooLarge(
+                f"file {index} is over the limit of {limit} bytes", field=f"files[{index}]"
+            )
+        contents.append(data)
+    return await _predict(request, name, contents, "files")
 
 
 @router.post("/tokens", status_code=201, response_model=TokenCreated, tags=["tokens"])

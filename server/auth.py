@@ -222,6 +222,7 @@ SCOPES: dict[tuple[str, str], Scope] = {
     ("POST", "/v1/datasets"): Scope.SUBMIT,
     ("POST", "/v1/datasets/import"): Scope.SUBMIT,
     ("POST", "/v1/models/{name}/predict"): Scope.SUBMIT,
+    ("POST", "/v1/models/{name}/predict/upload"): Scope.SUBMIT,
     ("POST", "/v1/models/{name}/feedback"): Scope.SUBMIT,
     ("POST", "/v1/models/{name}/promote"): Scope.ADMIN,
     ("POST", "/v1/tokens"): Scope.ADMIN,

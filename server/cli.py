@@ -369,13 +369,19 @@ def promote(name: str, version: int, url: UrlOption = None, token: TokenOption =
 @app.command()
 def predict(
     name: str,
-    texts: Annotated[list[str], typer.Argument(help="Texts to classify.")],
+    texts: Annotated[list[str], typer.Argument(help="Texts to classify, or with --images files.")],
+    images: Annotated[
+        bool, typer.Option("--images", help="The arguments are image files to upload.")
+    ] = False,
     url: UrlOption = None,
     token: TokenOption = None,
 ) -> None:
-    """Classify texts with a model's production version."""
+    """Classify texts or image files with a model's production version."""
     try:
-        answer = client(url, token).predict(name, texts)
+        if images:
+            answer = client(url, token).predict_files(name, [Path(text) for text in texts])
+        else:
+            answer = client(url, token).predict(name, texts)
     except ApiError as exc:
         raise fail(exc) from None
     for text, prediction in zip(texts, answer["predictions"], strict=True):

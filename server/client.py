@@ -118,7 +118,13 @@ class Client:
         return dict(self._call("POST", f"/v1/models/{name}/promote", json={"version": version}))
 
     def predict(self, name: str, texts: list[str]) -> dict[str, Any]:
+        """Texts, or for an image model images in base64."""
         return dict(self._call("POST", f"/v1/models/{name}/predict", json={"inputs": texts}))
+
+    def predict_files(self, name: str, paths: list[Path]) -> dict[str, Any]:
+        """Image files, sent as a multipart upload."""
+        files = [("files", (path.name, path.read_bytes())) for path in paths]
+        return dict(self._call("POST", f"/v1/models/{name}/predict/upload", files=files))
 
     def feedback(
         self,

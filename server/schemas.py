@@ -175,7 +175,12 @@ class PromoteIn(BaseModel):
 
 class PredictIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    inputs: list[str] = Field(min_length=1, max_length=256, description="Texts to classify.")
+    inputs: list[str] = Field(
+        min_length=1,
+        max_length=256,
+        description="Texts to classify; for an image model, images in base64, plain or as "
+        "data URLs (data:image/png;base64,...).",
+    )
 
 
 class PredictionOut(BaseModel):
