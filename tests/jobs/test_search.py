@@ -9,7 +9,7 @@ from ray.tune.search.sample import Categorical, Float, Integer, LogUniform
 from jobs.errors import SpecInvalid
 from jobs.search import check_search, corners, search_metric, trial_spec, tune_space
 from jobs.settings import Settings
-from jobs.spec import JobSpec, WordDropout, parse_spec
+from jobs.spec import ImageAugmentation, JobSpec, WordDropout, parse_spec
 from jobs.store import Job, Store, TrialState, new_id
 
 MINIMAL = {"model_name": "reviews", "data": {"path": "amazon.csv"}}
@@ -227,6 +227,28 @@ def test_a_trial_spec_carries_the_trial_values_and_no_search() -> None:
     assert trial.strategy.frozen_layers == 1
     off = trial_spec(spec, {"hyperparameters.augmentation": False})
     assert off.hyperparameters.augmentation is None
+
+
+def test_augmentation_searched_for_images_turns_on_image_augmentation() -> None:
+    spec = parse_spec(
+        with_search(
+            {"space": {"hyperparameters.augmentation": {"choice": [True, False]}}},
+            task="image_classification",
+            data={"path": "photos"},
+        )
+    )
+    assert trial_spec(
+        spec, {"hyperparameters.augmentation": True}
+    ).hyperparameters.augmentation == (ImageAugmentation())
+
+
+def test_a_pretraining_search_may_not_change_the_strategy() -> None:
+    document = with_search(
+        {"space": {"strategy.kind": {"choice": ["full", "partial"]}}},
+        kind="pretraining",
+        strategy={"kind": "full"},
+    )
+    assert refusal(document).field == "search"
 
 
 @pytest.mark.parametrize(

@@ -61,11 +61,51 @@ def test_data_needs_exactly_one_source() -> None:
         parse_spec({**MINIMAL, "data": {}})
 
 
-@pytest.mark.parametrize("reference", ["hub:org/model", "org/model", "relative/dir", "hub:x@y"])
+@pytest.mark.parametrize(
+    "reference",
+    ["hub:org/model", "org/model", "relative/dir", "hub:x@y", "model:Big", "model:base@0"],
+)
 def test_base_model_reference_forms_are_checked(reference: str) -> None:
     with pytest.raises(SpecInvalid) as caught:
         parse_spec({**MINIMAL, "base_model": reference})
     assert caught.value.field == "base_model"
+
+
+def test_registered_versions_are_base_models() -> None:
+    assert parse_spec({**MINIMAL, "base_model": "model:digits-base"}).base_model == (
+        "model:digits-base"
+    )
+    assert parse_spec({**MINIMAL, "base_model": "model:digits-base@3"}).base_model.endswith("@3")
+
+
+@pytest.mark.parametrize(
+    ("task", "augmentation", "wanted"),
+    [
+        ("text_classification", {"kind": "image"}, "word_dropout"),
+        ("image_classification", {"kind": "word_dropout"}, "image"),
+        ("image_classification", {}, "image"),
+    ],
+)
+def test_augmentation_must_suit_the_task(
+    task: str, augmentation: dict[str, Any], wanted: str
+) -> None:
+    with pytest.raises(SpecInvalid) as caught:
+        parse_spec({**MINIMAL, "task": task, "hyperparameters": {"augmentation": augmentation}})
+    assert caught.value.field == "hyperparameters" and f"give kind {wanted!r}" in str(caught.value)
+
+
+def test_image_augmentation_crop_scale_must_lie_within_the_image() -> None:
+    with pytest.raises(SpecInvalid) as caught:
+        parse_spec(
+            {
+                **MINIMAL,
+                "task": "image_classification",
+                "hyperparameters": {"augmentation": {"kind": "image", "crop_scale": [0.5, 1.5]}},
+            }
+        )
+    assert "crop_scale" in (caught.value.field or "") and "0 < low <= high <= 1" in str(
+        caught.value
+    )
 
 
 def test_hub_reference_with_pinned_revision_is_accepted() -> None:
