@@ -129,9 +129,9 @@ def train(name: str, home: Path) -> dict[str, Any]:
         base_dir=str(base_dir),
         database_url=settings.resolved_database_url(),
         label_names=data.label_names,
-        train_texts=data.train.texts,
+        train_inputs=data.train.texts,
         train_labels=data.label_ids(data.train),
-        val_texts=data.validation.texts,
+        val_inputs=data.validation.texts,
         val_labels=data.label_ids(data.validation),
     )
     weights = home / "weights.safetensors"
