@@ -37,8 +37,17 @@ def build_tiny_bert(target: Path) -> Path:
     return target
 
 
-def build_tiny_vit(target: Path, *, image_size: int = 16, weights: bool = True) -> Path:
-    """A 2-layer, 32-wide ViT on 16x16 images in 4x4 patches, with its image processor.
+def build_tiny_vit(
+    target: Path,
+    *,
+    image_size: int = 16,
+    weights: bool = True,
+    hidden_size: int = 32,
+    layers: int = 2,
+    heads: int = 2,
+) -> Path:
+    """A small ViT (by default 2 layers, 32 wide) on 16x16 images in 4x4 patches, with its image
+    processor.
 
     Without ``weights`` the folder holds the configuration alone: what a pretraining job starts
     from.
@@ -48,10 +57,10 @@ def build_tiny_vit(target: Path, *, image_size: int = 16, weights: bool = True) 
         image_size=image_size,
         patch_size=4,
         num_channels=3,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
+        hidden_size=hidden_size,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=2 * hidden_size,
     )
     if weights:
         ViTModel(config).save_pretrained(target, safe_serialization=True)

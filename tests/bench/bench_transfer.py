@@ -41,13 +41,11 @@ from datetime import UTC, datetime
 from typing import Any
 
 from PIL import Image
-from transformers import ViTConfig
-from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
 
 from jobs.inference import Classifier
 from tests.bench.bench_drift import machine
 from tests.bench.bench_speed import Bench, running_stack, submit_and_wait
-from tests.factories import digit_images, write_image_folder
+from tests.factories import build_tiny_vit, digit_images, write_image_folder
 
 logger = logging.getLogger("bench_transfer")
 
@@ -60,23 +58,6 @@ PRETRAIN_HP = {"epochs": 30, "batch_size": 32, "encoder_lr": 1e-3, "head_lr": 1e
 TARGET_HP = {"epochs": 40, "batch_size": 10, "encoder_lr": 3e-4, "head_lr": 3e-3}
 SCRATCH_HP = {"epochs": 40, "batch_size": 10, "encoder_lr": 3e-3, "head_lr": 3e-3}
 NO_MONITORING = {"enabled": False}
-
-
-def build_vit_config(target: Path) -> Path:
-    """The configuration every model here starts from, and its image processor; no weights."""
-    ViTConfig(
-        image_size=16,
-        patch_size=4,
-        num_channels=3,
-        hidden_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        intermediate_size=128,
-    ).save_pretrained(target)
-    ViTImageProcessorPil(
-        size={"height": 16, "width": 16}, image_mean=[0.5] * 3, image_std=[0.5] * 3
-    ).save_pretrained(target)
-    return target
 
 
 def image_spec(name: str, base: str, data: dict[str, Any], **fields: Any) -> dict[str, Any]:
@@ -103,7 +84,8 @@ def held_out_accuracy(
 
 def run(seeds: int) -> dict[str, Any]:
     home = Path(tempfile.mkdtemp(prefix="bench-transfer-"))
-    config = build_vit_config(home / "vit-config")
+    # The configuration every model here starts from, and its image processor; no weights.
+    config = build_tiny_vit(home / "vit-config", weights=False, hidden_size=64, layers=4, heads=4)
     started = time.perf_counter()
     with running_stack(home / "stack") as bench:
         root = bench.settings.resolved_data_root()

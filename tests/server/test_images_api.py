@@ -123,7 +123,8 @@ def test_pretrain_then_fine_tune_then_serve_and_watch_images(
     assert len(stack.client.epochs(job["id"])) == 3
 
     # Serving: base64 in JSON and a multipart upload give the same answers as the model folder.
-    images = [image.convert("RGB") for image, _ in digit_images([5, 6, 7, 8, 9], per_class=8)]
+    asked = digit_images([5, 6, 7, 8, 9], per_class=8)
+    images = [image.convert("RGB") for image, _ in asked]
     encoded = [base64.b64encode(png(image)).decode() for image in images]
     answer = stack.client.predict("digits", encoded)
     assert answer["version"] == job["model_version"]
@@ -178,3 +179,17 @@ def test_pretrain_then_fine_tune_then_serve_and_watch_images(
     drifted = monitor.check(version, spec)
     assert drifted is not None and drifted.result.drift_detected
     assert "embedding" in drifted.result.detected_checks
+
+    # Retraining: labelled image predictions join the training rows, read from the kept images.
+    labels = [
+        {"prediction_id": p["id"], "label": str(label)}
+        for p, (_, label) in zip(answer["predictions"], asked, strict=True)
+    ]
+    stack.client.feedback("digits", labels=labels)
+    feedback = stack.store.labelled_feedback("digits")
+    assert len(feedback) == 40 and all(text.startswith("image:") for text, _, _ in feedback)
+    retrain_id = monitor.start_retrain(version, spec, feedback, drifted.report.id)
+    retrain = stack.client.wait(retrain_id, timeout=300, interval=0.5)
+    assert retrain["status"] == "SUCCEEDED", retrain["error"]
+    lines = [line["message"] for line in stack.client.log(retrain_id)]
+    assert any("20 labelled rows added, 20 held out" in line for line in lines), lines
