@@ -15,13 +15,14 @@ import weakref
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
 from PIL import Image
 from safetensors.torch import load_file
 from torch import nn
+from transformers import PreTrainedTokenizerBase
 
 from jobs.errors import ModelUnavailable
 from jobs.images import load_image
@@ -164,7 +165,8 @@ class Classifier:
             images = [load_image(item) if isinstance(item, str | Path) else item for item in batch]
             pixels = self.processor(images=images, return_tensors="pt")["pixel_values"]
             return (pixels,)
-        encoded = self.processor(
+        tokenizer = cast(PreTrainedTokenizerBase, self.processor)
+        encoded = tokenizer(
             batch, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
         )
         return encoded["input_ids"], encoded["attention_mask"]
@@ -182,7 +184,7 @@ class Classifier:
             probabilities.append(torch.softmax(logits.float(), dim=-1).numpy())
             features.append(pooled.float().numpy())
         if not probabilities:
-            width = self.model.head[-1].in_features
+            width = self.model.hidden
             empty = np.zeros((0, len(self.label_names)), dtype=np.float32)
             return empty, np.zeros((0, width), dtype=np.float32)
         return np.concatenate(probabilities), np.concatenate(features)

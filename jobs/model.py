@@ -166,8 +166,8 @@ class TransferClassifier(nn.Module):
     def __init__(self, encoder: nn.Module, num_labels: int, dropout: float) -> None:
         super().__init__()
         self.encoder = encoder
-        hidden = int(encoder.config.hidden_size)
-        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(hidden, num_labels))
+        self.hidden = int(encoder.config.hidden_size)
+        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(self.hidden, num_labels))
 
     def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
@@ -191,8 +191,8 @@ class ImageTransferClassifier(nn.Module):
         self.encoder = encoder
         config = encoder.config
         sizes = getattr(config, "hidden_sizes", None)
-        hidden = int(sizes[-1]) if sizes else int(config.hidden_size)
-        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(hidden, num_labels))
+        self.hidden = int(sizes[-1]) if sizes else int(config.hidden_size)
+        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(self.hidden, num_labels))
 
     def features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         output = self.encoder(pixel_values=pixel_values)

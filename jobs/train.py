@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import ray.train
@@ -31,6 +31,7 @@ import ray.train.torch
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+from transformers import PreTrainedTokenizerBase
 
 from jobs.errors import MemoryLimitExceeded
 from jobs.features import FeatureCache
@@ -126,7 +127,7 @@ def word_dropout(text: str, augmentation: WordDropout, rng: random.Random) -> st
 
 
 def tokenize(
-    tokenizer: Processor, texts: list[str], max_length: int
+    tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     encoded = tokenizer(
         texts, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt"
@@ -352,6 +353,8 @@ class Worker:
         self.train_items: list[Any] = self.raw_inputs(self.job.train_inputs)
         self.val_items: list[Any] = self.raw_inputs(self.job.val_inputs)
 
+        train_x: Any  # features of a frozen encoder, or the model's inputs
+        val_x: Any
         if self.frozen_encoder:
             train_x, val_x = self.cached_features()
             trained: nn.Module = self.model.head
@@ -359,7 +362,7 @@ class Worker:
             train_x = self.model_inputs(self.train_items)
             val_x = self.model_inputs(self.val_items)
             trained = self.model
-        self.val_x = val_x
+        self.val_x: Any = val_x
         self.check_memory()
         self.trained = ray.train.torch.prepare_model(trained)
         self.optimizer = torch.optim.AdamW(parameter_groups(self.model, self.hp))
@@ -380,18 +383,19 @@ class Worker:
         """Token ids and attention masks of texts, or pixel values of images."""
         if self.images:
             return (pixel_values(self.processor, items),)
-        return tokenize(self.processor, items, self.hp.max_length)
+        return tokenize(cast(PreTrainedTokenizerBase, self.processor), items, self.hp.max_length)
 
     def cached_features(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The frozen encoder's outputs for the training and validation inputs, computed only
         for inputs no earlier job with this encoder and its settings has computed. Texts are
         their own keys; images are keyed by their files' contents."""
         items = self.train_items + self.val_items
+        encode: Callable[[list[Any]], torch.Tensor]
         if self.images:
             keys = [image_digest(path) for path in self.job.train_inputs + self.job.val_inputs]
             by_key = dict(zip(keys, items, strict=True))
 
-            def encode(missing: list[str]) -> torch.Tensor:
+            def encode(missing: list[Any]) -> torch.Tensor:
                 return self.encode([by_key[key] for key in missing])
         else:
             keys, encode = items, self.encode

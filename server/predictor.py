@@ -18,7 +18,7 @@ import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from PIL import Image
@@ -62,8 +62,10 @@ def decode_inputs(inputs: list[str] | list[bytes], field: str) -> list[ImageInpu
         where = f"{field}[{index}]"
         if isinstance(item, bytes):
             image = decode_image(item, field=where)
-        else:
+        elif isinstance(item, str):
             image = decode_base64_image(item, field=where)
+        else:
+            raise DatasetInvalid(f"{where} is not an image", field=where)
         decoded.append(ImageInput.of(image))
     return decoded
 
@@ -115,7 +117,7 @@ class ModelCache:
                 f"model {name!r} classifies texts; send them as JSON inputs, not as files",
                 field=field,
             )
-        return list(inputs)  # type: ignore[arg-type]
+        return cast(list[str], list(inputs))
 
     def predict(self, name: str, inputs: list[str] | list[ImageInput]) -> dict[str, Any]:
         version = self.production_version(name)
