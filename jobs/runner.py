@@ -112,6 +112,10 @@ def remove_placement_groups(settings: Settings, job_id: str) -> None:
     placement group, and Ray notices a dead trainer only through its State API, which needs
     the dashboard (see PlacementJanitor). The job's workers and a search's trials record
     their groups' ids, so the runner removes them.
+
+    A job killed while its workers are still starting has recorded no group yet, and its CPUs
+    wait for Ray's own clean-up. Naming the placement group from the job process, before the
+    trainer creates it, would close that gap.
     """
     from jobs.search import PlacementJanitor, placement_folder, search_dir  # see _run_search
 

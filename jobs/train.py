@@ -377,6 +377,8 @@ class Worker:
         self.train_epochs(train_x, progress)
 
     def raw_inputs(self, inputs: list[str]) -> list[Any]:
+        # Every image of the job is held decoded in each worker; sets larger than memory want
+        # a dataset that reads and decodes images per batch instead.
         return [load_image(path) for path in inputs] if self.images else inputs
 
     def model_inputs(self, items: list[Any]) -> tuple[torch.Tensor, ...]:
