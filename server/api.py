@@ -178,7 +178,9 @@ async def job_trials(request: Request, job_id: str) -> TrialList:
 @router.post("/datasets", status_code=201, response_model=DatasetOut, tags=["datasets"])
 async def upload_dataset(
     request: Request,
-    file: Annotated[UploadFile, File(description="CSV, JSONL or Parquet.")],
+    file: Annotated[
+        UploadFile, File(description="CSV, JSONL or Parquet, or a zip of image class folders.")
+    ],
     name: Annotated[str | None, Form(max_length=255)] = None,
 ) -> DatasetOut:
     s = services(request)
