@@ -38,7 +38,7 @@ from jobs.settings import Settings
 from jobs.spec import JobSpec, Task
 from jobs.store import Dataset, DriftReport, ModelVersion, Store, new_id, utcnow
 from jobs.submission import submit_job
-from monitoring.drift import CheckName, DriftConfig, DriftResult, Window, check_drift
+from monitoring.drift import ALL_CHECKS, CheckName, DriftConfig, DriftResult, Window, check_drift
 from monitoring.embeddings import TextEncoder
 from monitoring.metrics import recorder
 from monitoring.policy import RetrainDecision, decide_retrain
@@ -139,9 +139,7 @@ class Monitor:
             true_labels=[labels.get(p.id) for p in logged],
         )
         reference = self.reference(version, spec)
-        config = DriftConfig(alpha=settings.alpha)
-        if images:
-            config = DriftConfig(alpha=settings.alpha, checks=IMAGE_CHECKS)
+        config = DriftConfig(alpha=settings.alpha, checks=IMAGE_CHECKS if images else ALL_CHECKS)
         result = check_drift(reference, current, config, render_html=True)
         report = self.store_report(version, result)
         self.export_gauges(name, result)
