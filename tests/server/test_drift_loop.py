@@ -29,14 +29,17 @@ ONLY_ON_GPU_NODES = {"ray_node_gpus_utilization"}
 def drifted(stack: Stack) -> dict[str, Any]:
     """Train on Amazon reviews, then send Yelp reviews with labels; returns the drift report
     that started a retraining job."""
-    # A champion that saw little data, and plenty of labelled Yelp traffic, so that the
-    # challenger's win on the held-out labels is a clear margin rather than a coin toss.
+    # A champion that learnt little (four epochs at a low head rate: about 0.6 on Yelp), and
+    # plenty of labelled Yelp traffic, so that the challenger wins on the held-out labels by a
+    # clear margin. With eight epochs at 3e-3 the champion reached 0.81 on Yelp and the
+    # challenger lost to it on one holdout draw in twelve; these settings won every draw by at
+    # least 8 points.
     data = stack.data_file("drift-amazon.csv", read_sentiment("amazon").iloc[:150])
     spec = {
         "model_name": "drifting",
         "data": {"path": data, "validation_split": 0.2},
         "strategy": {"kind": "feature_extraction"},
-        "hyperparameters": {"epochs": 8, "batch_size": 32, "head_lr": 3e-3},
+        "hyperparameters": {"epochs": 4, "batch_size": 32, "head_lr": 1e-3},
         "monitoring": {
             "schedule_seconds": 2,
             "window_size": 150,
