@@ -8,6 +8,7 @@ database up to date before use.
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -35,12 +36,18 @@ from sqlalchemy import (
     select,
     update,
 )
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from jobs.errors import Conflict, NotFound
 
 log = logging.getLogger(__name__)
+
+# Tries at a model's next version number when another registration takes it first.
+VERSION_ATTEMPTS = 8
 
 
 class JobStatus(StrEnum):
@@ -622,15 +629,33 @@ class Store:
     # -- models --------------------------------------------------------------------------------
 
     def add_model_version(self, version: ModelVersion) -> ModelVersion:
-        """Insert the next version number of a model, creating the model on first use."""
+        """Insert the next version number of a model, creating the model on first use.
+
+        Jobs of one model can register at the same moment (two runners, or two job slots of
+        one). Each registration inserts the model's row unless it is there, then takes the
+        number under a lock: PostgreSQL's FOR UPDATE on that row, and on SQLite the database's
+        single writer, held from that first insert. One refused all the same (a lock wait that
+        ran out) is tried again.
+        """
+        attempt = 1
+        while True:
+            try:
+                return self._insert_next_version(version)
+            except (IntegrityError, OperationalError) as exc:
+                if attempt == VERSION_ATTEMPTS:
+                    raise
+                log.info("model %s: retrying its next version number: %s", version.model_name, exc)
+                time.sleep(0.05 * attempt)
+                attempt += 1
+
+    def _insert_next_version(self, version: ModelVersion) -> ModelVersion:
+        name = version.model_name
+        insert = postgresql_insert if self.engine.dialect.name == "postgresql" else sqlite_insert
         with self.session() as session:
-            if session.get(Model, version.model_name) is None:
-                session.add(Model(name=version.model_name))
-                session.flush()
+            session.execute(insert(Model).values(name=name).on_conflict_do_nothing())
+            session.execute(select(Model.name).where(Model.name == name).with_for_update())
             latest = session.scalar(
-                select(func.max(ModelVersion.version)).where(
-                    ModelVersion.model_name == version.model_name
-                )
+                select(func.max(ModelVersion.version)).where(ModelVersion.model_name == name)
             )
             version.version = (latest or 0) + 1
             session.add(version)

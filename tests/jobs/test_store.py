@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from alembic.autogenerate import compare_metadata
@@ -101,6 +102,29 @@ def test_repeated_epoch_overwrites_instead_of_duplicating(store: Store) -> None:
     store.record_epoch(job.id, 1, {"val_accuracy": 0.7})
     epochs = store.epoch_metrics(job.id)
     assert [(e.epoch, e.metrics["val_accuracy"]) for e in epochs] == [(1, 0.7)]
+
+
+def test_versions_registered_at_once_each_get_a_number(database_url: str) -> None:
+    # Jobs of one model finishing together, each in a process with its own connections.
+    stores = [Store.open(database_url) for _ in range(6)]
+    start = threading.Barrier(len(stores))
+
+    def register(store: Store) -> int:
+        start.wait()
+        added = store.add_model_version(
+            ModelVersion(
+                model_name="raced", version=0, path="p", metrics={}, spec={}, dataset_hash="h"
+            )
+        )
+        return added.version
+
+    try:
+        with ThreadPoolExecutor(len(stores)) as pool:
+            numbers = list(pool.map(register, stores))
+    finally:
+        for store in stores:
+            store.engine.dispose()
+    assert sorted(numbers) == [1, 2, 3, 4, 5, 6]
 
 
 def test_versions_number_from_one_and_production_is_set(store: Store) -> None:
