@@ -307,14 +307,23 @@ def train_trial(
         if result.error is not None:
             raise result.error
     except Exception as exc:
-        store.finish_trial(
-            job_id, trial_id, TrialState.FAILED, error=f"{type(exc).__name__}: {exc}"
-        )
+        end_failed_trial(store, job_id, trial_id, f"{type(exc).__name__}: {exc}")
         raise
     # A run that returns trained to its end or stopped early by its own patience, unless the
     # job was cancelled under it.
     if not store.get_job(job_id).cancel_requested:
         store.finish_trial(job_id, trial_id, TrialState.SUCCEEDED)
+
+
+def end_failed_trial(store: Store, job_id: str, trial_id: str, error: str) -> TrialState:
+    """Record a trial whose run raised or whose actor died. Cancelling a search kills its
+    trials' actors and trainers, so a trial that fails once its job is cancelled was stopped,
+    not broken."""
+    if store.get_job(job_id).cancel_requested:
+        store.finish_trial(job_id, trial_id, TrialState.STOPPED)
+        return TrialState.STOPPED
+    store.finish_trial(job_id, trial_id, TrialState.FAILED, error=error)
+    return TrialState.FAILED
 
 
 # -- the search -------------------------------------------------------------------------------
@@ -450,10 +459,13 @@ class TrialRecorder(tune.Callback):
     def on_trial_error(
         self, iteration: int, trials: list[TuneTrial], trial: TuneTrial, **info: Any
     ) -> None:
-        self.store.finish_trial(
-            self.job_id, trial.trial_id, TrialState.FAILED, error="its Tune actor failed"
-        )
-        self.store.append_log(self.job_id, "WARNING", f"trial {trial.trial_id} failed")
+        state = end_failed_trial(self.store, self.job_id, trial.trial_id, "its Tune actor failed")
+        if state is TrialState.STOPPED:
+            self.store.append_log(
+                self.job_id, "INFO", f"trial {trial.trial_id} stopped: its job was cancelled"
+            )
+        else:
+            self.store.append_log(self.job_id, "WARNING", f"trial {trial.trial_id} failed")
         self.janitor.trial_ended(trial.trial_id)
 
     def on_step_end(self, iteration: int, trials: list[TuneTrial], **info: Any) -> None:

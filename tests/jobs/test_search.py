@@ -7,10 +7,17 @@ import pytest
 from ray.tune.search.sample import Categorical, Float, Integer, LogUniform
 
 from jobs.errors import SpecInvalid
-from jobs.search import check_search, corners, search_metric, trial_spec, tune_space
+from jobs.search import (
+    check_search,
+    corners,
+    end_failed_trial,
+    search_metric,
+    trial_spec,
+    tune_space,
+)
 from jobs.settings import Settings
 from jobs.spec import ImageAugmentation, JobSpec, WordDropout, parse_spec
-from jobs.store import Job, Store, TrialState, new_id
+from jobs.store import Job, JobStatus, Store, TrialState, new_id
 
 MINIMAL = {"model_name": "reviews", "data": {"path": "amazon.csv"}}
 SEARCH = {"space": {"hyperparameters.head_lr": {"loguniform": [1e-4, 1e-2]}}, "trials": 4}
@@ -323,6 +330,19 @@ def test_a_trial_ends_once_and_the_first_ending_wins(store: Store) -> None:
     store.start_trial(job.id, "t1", {})
     assert store.stop_running_trials(job.id) == 1
     assert [t.state for t in store.list_trials(job.id)] == ["SUCCEEDED", "STOPPED"]
+
+
+def test_a_trial_that_fails_under_a_cancelled_job_was_stopped(store: Store) -> None:
+    job = make_job(store)
+    assert store.transition(job.id, JobStatus.RUNNING)
+    store.start_trial(job.id, "broken", {})
+    assert end_failed_trial(store, job.id, "broken", "ValueError: nan loss") == "FAILED"
+    store.start_trial(job.id, "halted", {})
+    store.request_cancel(job.id)
+    assert end_failed_trial(store, job.id, "halted", "its Tune actor failed") == "STOPPED"
+    broken, halted = store.list_trials(job.id)
+    assert (broken.state, broken.error) == ("FAILED", "ValueError: nan loss")
+    assert (halted.state, halted.error) == ("STOPPED", None)
 
 
 def test_a_restarted_trial_keeps_its_curve_and_overwrites_repeated_epochs(store: Store) -> None:
