@@ -1,21 +1,25 @@
 """The runner: one Ray actor that takes queued jobs from the store and runs each in Ray.
 
 Each job runs in its own detached ``JobProcess`` actor, which drives a Ray Train
-``TorchTrainer`` and writes the job's terminal status itself. The runner claims jobs, starts
-and stops those processes, and notices the ones that died. The store is the source of truth,
-so a restarted runner picks up where the last one stopped: it adopts the processes still
-running, and a job whose process is gone goes back to the queue and resumes from its last
-checkpoint. The runner also stops and fails a job that breaks its ``limits``.
+``TorchTrainer`` and writes the job's terminal status itself. The runner keeps one such process
+started ahead, a standby, so that a job does not wait for a Python process to import torch,
+transformers and Ray Train; the job's process ends with the job. The runner claims jobs, hands
+them to processes, stops those, and notices the ones that died. The store is the source of
+truth, so a restarted runner picks up where the last one stopped: it adopts the processes still
+running and the standby, and a job whose process is gone goes back to the queue and resumes
+from its last checkpoint. The runner also stops and fails a job that breaks its ``limits``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import threading
 import time
 import traceback
+import uuid
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -47,8 +51,37 @@ RUNNER_NAME = "tuneloop-runner"
 JOB_PROCESS_PREFIX = "tuneloop-job-"
 
 
-def job_process_name(job_id: str) -> str:
-    return f"{JOB_PROCESS_PREFIX}{job_id}"
+def process_prefix(settings: Settings) -> str:
+    """The start of the names of one tuneloop's job processes: tuneloops that share a Ray
+    cluster have databases of their own, and each keeps to the processes of its own."""
+    database = hashlib.sha256(settings.resolved_database_url().encode()).hexdigest()[:10]
+    return f"{JOB_PROCESS_PREFIX}{database}-"
+
+
+def job_processes(settings: Settings, timeout: float = 120) -> tuple[dict[str, Any], list[Any]]:
+    """This tuneloop's job processes in the cluster: those that run a job, by job id, and the
+    idle ones. A process that does not answer within ``timeout`` is left out."""
+    prefix = process_prefix(settings)
+    actors: list[Any] = []
+    for entry in ray.util.list_named_actors(all_namespaces=True):
+        if entry["namespace"] == NAMESPACE and entry["name"].startswith(prefix):
+            with contextlib.suppress(ValueError):  # gone since it was listed
+                actors.append(ray.get_actor(entry["name"], namespace=NAMESPACE))
+    asked = [actor.current_job.remote() for actor in actors]
+    ray.wait(asked, num_returns=len(asked), timeout=timeout)
+    running: dict[str, Any] = {}
+    idle: list[Any] = []
+    for actor, ref in zip(actors, asked, strict=True):
+        try:
+            job_id: str | None = ray.get(ref, timeout=0)
+        except (ray.exceptions.RayError, TimeoutError) as exc:
+            log.warning("a job process did not say which job it runs: %s", first_line(exc))
+            continue
+        if job_id is None:
+            idle.append(actor)
+        else:
+            running[job_id] = actor
+    return running, idle
 
 
 def build_trainer(
@@ -125,23 +158,46 @@ def remove_placement_groups(settings: Settings, job_id: str) -> None:
 
 @ray.remote(num_cpus=0, max_restarts=0, max_concurrency=4)
 class JobProcess:
-    """Runs one job to its end, from the moment it is created, and records how it ended.
+    """Runs one job to its end and records how it ended.
 
-    Anyone may ``wait`` on it: the runner that started it, or a restarted runner adopting it.
+    It is started before its job is known, with everything a job imports loaded, and waits
+    to ``take`` one. Anyone may ``wait`` on that job: the runner that handed it over, or a
+    restarted runner adopting it.
     """
 
-    def __init__(self, job_id: str, settings: dict[str, Any]) -> None:
-        self.job_id = job_id
+    def __init__(self, settings: dict[str, Any]) -> None:
         self.settings = Settings.model_validate(settings)
         self.store = Store.open(self.settings.resolved_database_url(), upgrade=False)
+        self.job_id: str | None = None
+        self._lock = threading.Lock()
+        self._taken = threading.Event()
         self.thread = threading.Thread(target=self.run, daemon=True)
-        self.thread.start()
 
-    def wait(self) -> str:
+    def take(self, job_id: str) -> None:
+        """Start running ``job_id``; taking the same job again changes nothing."""
+        with self._lock:
+            if self.job_id is None:
+                self.job_id = job_id
+                self.thread.start()
+                self._taken.set()
+        self._check(job_id)
+
+    def current_job(self) -> str | None:
+        return self.job_id
+
+    def wait(self, job_id: str) -> str:
+        """Block until ``job_id`` has ended here; its status then."""
+        self._taken.wait()
+        self._check(job_id)
         self.thread.join()
-        return self.store.get_job(self.job_id).status
+        return self.store.get_job(job_id).status
+
+    def _check(self, job_id: str) -> None:
+        if self.job_id != job_id:
+            raise RuntimeError(f"this job process runs job {self.job_id}, not {job_id}")
 
     def run(self) -> None:
+        assert self.job_id is not None, "run starts only from take"
         try:
             self._run()
         except Exception as exc:  # the job fails; the process must still report why
@@ -153,6 +209,7 @@ class JobProcess:
             )
 
     def _run(self) -> None:
+        assert self.job_id is not None
         job = self.store.get_job(self.job_id)
         spec = JobSpec.model_validate(job.spec)
         self.store.append_log(
@@ -265,43 +322,50 @@ class Runner:
         self.settings = settings
         self.store = Store.open(settings.resolved_database_url())
         self.processes: dict[str, tuple[Any, ray.ObjectRef]] = {}
+        self.standby: Any | None = None
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._waiting_logged: set[str] = set()
         self._cancel_seen: dict[str, float] = {}
 
     def recover(self) -> None:
-        """Adopt or requeue jobs the store says are running, after a restart of the runner."""
-        self.remove_finished_processes()
+        """After a restart of the runner: adopt the processes of running jobs and one idle
+        process as the standby, requeue running jobs whose process is gone, and kill the
+        processes of jobs that finished while no runner was there to reap them."""
+        running, idle = job_processes(self.settings)
         for job in self.store.list_jobs(status=JobStatus.RUNNING, limit=10_000):
-            try:
-                actor = ray.get_actor(job_process_name(job.id), namespace=NAMESPACE)
-            except ValueError:
+            actor = running.pop(job.id, None)
+            if actor is None:
                 self._process_lost(job.id, "its process was gone when the runner started")
                 continue
-            self.processes[job.id] = (actor, actor.wait.remote())
+            self.processes[job.id] = (actor, actor.wait.remote(job.id))
             log.info("job %s: adopted its running process", job.id)
-
-    def remove_finished_processes(self) -> None:
-        """Kill the processes of jobs that finished while no runner was there to reap them."""
-        for entry in ray.util.list_named_actors(all_namespaces=True):
-            name = entry["name"]
-            if entry["namespace"] != NAMESPACE or not name.startswith(JOB_PROCESS_PREFIX):
-                continue
-            job_id = name.removeprefix(JOB_PROCESS_PREFIX)
-            try:
-                finished = JobStatus(self.store.get_job(job_id).status).finished
-            except NotFound:  # another tuneloop's job, on a database of its own
-                continue
-            if finished:
-                ray.kill(ray.get_actor(name, namespace=NAMESPACE), no_restart=True)
-                log.info("job %s: removed the process it left behind", job_id)
+        for job_id, actor in running.items():
+            with contextlib.suppress(NotFound):
+                if not JobStatus(self.store.get_job(job_id).status).finished:
+                    continue  # not ended: whoever runs it now reaps it
+            ray.kill(actor, no_restart=True)
+            log.info("job %s: removed the process it left behind", job_id)
+        if idle:
+            self.standby = idle.pop()
+        for actor in idle:
+            ray.kill(actor, no_restart=True)
 
     def tick(self) -> None:
         self.reap()
         self.cancel_requested()
         self.enforce_limits()
         self.schedule()
+        self.keep_standby()
+
+    def keep_standby(self) -> None:
+        """Start the next job's process ahead of it, once no job is starting: on a small node
+        its imports would otherwise take CPU from a job's start."""
+        if not self.settings.standby_job_process or self.standby is not None:
+            return
+        if self._starting_demand() != (0.0, 0.0):
+            return
+        self.standby = self._new_process()
 
     def reap(self) -> None:
         for job_id, (actor, ref) in list(self.processes.items()):
@@ -410,20 +474,20 @@ class Runner:
         return cpu, gpu
 
     def _start(self, job_id: str) -> None:
-        # A fresh JobProcess per job costs a Python process importing torch, transformers and
-        # Ray Train: most of what a small job spends beyond a bare TorchTrainer (README, Speed).
-        # Keeping one such process started and handing it the next job would take that off the
-        # job's path; it needs the process's name, now the job's, to be found some other way.
+        actor, self.standby = self.standby or self._new_process(), None
+        actor.take.remote(job_id)
+        self.processes[job_id] = (actor, actor.wait.remote(job_id))
+
+    def _new_process(self) -> Any:
         # Ray Train workers hand each report to a one-slot queue that the trainer's controller
         # empties when it polls, every 2 s by default: an epoch shorter than that would wait.
         poll = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": str(self.settings.train_poll_seconds)}
-        actor = JobProcess.options(
-            name=job_process_name(job_id),
+        return JobProcess.options(
+            name=f"{process_prefix(self.settings)}{uuid.uuid4().hex[:12]}",
             namespace=NAMESPACE,
             lifetime="detached",
             runtime_env={"env_vars": poll},
-        ).remote(job_id, self.settings.model_dump(mode="json"))
-        self.processes[job_id] = (actor, actor.wait.remote())
+        ).remote(self.settings.model_dump(mode="json"))
 
     def _process_lost(self, job_id: str, reason: str) -> None:
         job = self.store.get_job(job_id)
@@ -466,6 +530,12 @@ class Runner:
     def stop(self) -> None:
         self._stop.set()
         self._wake.set()
+
+    def close(self) -> None:
+        """Kill the standby; running jobs keep their processes, for the next runner to adopt."""
+        if self.standby is not None:
+            ray.kill(self.standby, no_restart=True)
+            self.standby = None
 
 
 def demand(spec: JobSpec) -> tuple[float, float]:

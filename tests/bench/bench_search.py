@@ -203,6 +203,7 @@ def main() -> None:
         asha = run_job(runner, store, settings, "asha")
         full = run_job(runner, store, settings, "none")
         runner.reap()
+        runner.close()
     finally:
         ray.shutdown()
 

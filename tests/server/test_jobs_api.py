@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
+from jobs.runner import job_processes
 from server.client import ApiError
 from tests.conftest import Stack, tiny_spec
 from tests.factories import read_sentiment
@@ -61,6 +62,29 @@ def test_job_trains_registers_and_answers_predictions(
         p.name for p in version_dir.iterdir()
     }
     assert model["versions"][0]["dataset_hash"] == stack.store.get_job(job["id"]).dataset_hash
+
+
+def test_a_job_runs_in_the_process_started_ahead_of_it(
+    stack: Stack, tiny_model_dir: Path, reviews: str
+) -> None:
+    def standby() -> Any:
+        _, idle = job_processes(stack.settings)
+        assert len(idle) <= 1, idle
+        return idle[0] if idle else None
+
+    stack.wait_for(lambda: standby() is not None, 120, "a job process started ahead")
+    ahead = standby()
+    job_id = stack.client.submit(
+        tiny_spec(tiny_model_dir, reviews, model_name="ahead", hyperparameters={"epochs": 1})
+    )["id"]
+    stack.wait_for(lambda: job_id in job_processes(stack.settings)[0], 120, "the job's process")
+    assert job_processes(stack.settings)[0][job_id] == ahead
+
+    job = stack.client.wait(job_id, timeout=240)
+    assert job["status"] == "SUCCEEDED", job["error"]
+    # The process ends with its job, and a new one waits for the next.
+    stack.wait_for(lambda: job_id not in job_processes(stack.settings)[0], 60, "the process to go")
+    stack.wait_for(lambda: standby() not in (None, ahead), 120, "the next job's process")
 
 
 def test_metrics_endpoint_counts_jobs_and_predictions(
@@ -232,7 +256,7 @@ def test_killed_worker_resumes_from_the_last_checkpoint(
 ) -> None:
     spec = tiny_spec(tiny_model_dir, reviews, model_name="resumed", hyperparameters={"epochs": 40})
     job = stack.client.submit(spec)
-    stack.wait_for(lambda: len(stack.client.epochs(job["id"])) >= 3, 120, "three epochs")
+    stack.wait_for(lambda: len(stack.client.epochs(job["id"])) >= 4, 120, "four epochs")
     # What a worker killed while copying a checkpoint leaves: a folder, newer than any other,
     # with its weights cut short and no state file. Made by hand, as no kill can be timed to
     # land inside that copy.
@@ -254,7 +278,8 @@ def test_killed_worker_resumes_from_the_last_checkpoint(
     # An epoch's metrics are stored just before its worker writes the checkpoint, and Ray
     # Train commits a written checkpoint when its controller next polls the worker (every
     # 0.2 s), so the last checkpoint committed at the kill is at most two epochs behind the
-    # metrics: that epoch's, or one of the two before it. Never the first epoch.
+    # metrics: that epoch's, or one of the two before it. After four epochs' metrics, never
+    # the first epoch.
     assert resumed and resumed[0] >= max(2, done_at_kill - 2), (resumed, done_at_kill)
     assert [e["epoch"] for e in stack.client.epochs(job["id"])] == list(range(1, 41))
 

@@ -20,7 +20,7 @@ import pytest
 import ray
 from fastapi.testclient import TestClient
 
-from jobs.runner import NAMESPACE, Runner, job_process_name
+from jobs.runner import Runner
 from jobs.settings import Settings
 from jobs.spec import parse_spec
 from jobs.store import Job, JobStatus, Store
@@ -70,6 +70,7 @@ def make_runner(pg_settings: Settings) -> Iterator[Callable[[], Runner]]:
 
     yield make
     for runner in made:
+        runner.close()
         runner.store.engine.dispose()
 
 
@@ -200,7 +201,7 @@ def test_a_dying_job_process_is_retried_up_to_the_limit_then_fails(
         runner.tick()
         attempts = pg_store.get_job(job_id).attempts
         if job_id in runner.processes and len(killed) < attempts:
-            process = ray.get_actor(job_process_name(job_id), namespace=NAMESPACE)
+            process, _ = runner.processes[job_id]
             pid = ray.get(process.__ray_call__.remote(lambda _self: os.getpid()), timeout=60)
             os.kill(pid, signal.SIGKILL)
             killed.append(pid)

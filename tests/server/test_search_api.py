@@ -18,7 +18,7 @@ import pytest
 import ray
 from typer.testing import CliRunner
 
-from jobs.runner import NAMESPACE, job_process_name
+from jobs.runner import job_processes
 from server.cli import app
 from server.client import ApiError
 from tests.conftest import Stack, tiny_spec
@@ -272,7 +272,8 @@ def test_resumed_search_does_not_rerun_finished_trials(
     stack.wait_for(lambda: len(finished()) >= 2, 300, "two trials to finish")
     done_before = finished()
     threading.Event().wait(4)  # past the period at which Tune saves the experiment's state
-    ray.kill(ray.get_actor(job_process_name(job["id"]), namespace=NAMESPACE), no_restart=True)
+    running, _ = job_processes(stack.settings)
+    ray.kill(running[job["id"]], no_restart=True)
 
     ended = stack.client.wait(job["id"], timeout=420)
     assert ended["status"] == "SUCCEEDED", ended["error"]
