@@ -1,13 +1,14 @@
 """The runner: one Ray actor that takes queued jobs from the store and runs each in Ray.
 
 Each job runs in its own detached ``JobProcess`` actor, which drives a Ray Train
-``TorchTrainer`` and writes the job's terminal status itself. The runner keeps one such process
-started ahead, a standby, so that a job does not wait for a Python process to import torch,
-transformers and Ray Train; the job's process ends with the job. The runner claims jobs, hands
-them to processes, stops those, and notices the ones that died. The store is the source of
-truth, so a restarted runner picks up where the last one stopped: it adopts the processes still
-running and the standby, and a job whose process is gone goes back to the queue and resumes
-from its last checkpoint. The runner also stops and fails a job that breaks its ``limits``.
+``TorchTrainer`` and writes the job's terminal status itself. While no job runs, the runner
+keeps one such process started ahead, a standby, so that a job does not wait for a Python
+process to import torch, transformers and Ray Train; the job's process ends with the job. The
+runner claims jobs, hands them to processes, stops those, and notices the ones that died. The
+store is the source of truth, so a restarted runner picks up where the last one stopped: it
+adopts the processes still running and the standby, and a job whose process is gone goes back
+to the queue and resumes from its last checkpoint. The runner also stops and fails a job that
+breaks its ``limits``.
 """
 
 from __future__ import annotations
@@ -359,13 +360,11 @@ class Runner:
         self.keep_standby()
 
     def keep_standby(self) -> None:
-        """Start the next job's process ahead of it, once no job is starting: on a small node
-        its imports would otherwise take CPU from a job's start."""
-        if not self.settings.standby_job_process or self.standby is not None:
-            return
-        if self._starting_demand() != (0.0, 0.0):
-            return
-        self.standby = self._new_process()
+        """Start the next job's process ahead of it while no job runs. Its imports take a few
+        seconds of CPU, which on a small node would come out of a running job's training; while
+        jobs run, the next one starts its process itself."""
+        if self.settings.standby_job_process and self.standby is None and not self.processes:
+            self.standby = self._new_process()
 
     def reap(self) -> None:
         for job_id, (actor, ref) in list(self.processes.items()):

@@ -38,8 +38,9 @@ class Settings(BaseSettings):
     max_running_jobs: int = Field(default=2, ge=1, description="Jobs the runner runs at once.")
     standby_job_process: bool = Field(
         default=True,
-        description="Keep one job process started ahead, with torch and transformers imported, "
-        "so that a job starts without waiting for them (it holds about 600 MiB while idle).",
+        description="While no job runs, keep one job process started ahead, with torch and "
+        "transformers imported, so that a job starts without waiting for them (it holds about "
+        "600 MiB while idle).",
     )
     max_trials: int = Field(default=64, ge=1, description="Most trials one search may ask for.")
     max_concurrent_trials: int = Field(

@@ -70,6 +70,7 @@ from jobs.data import DataCatalog, PreparedData
 from jobs.inference import Classifier
 from jobs.model import apply_strategy, build_classifier, load_tokenizer, parameter_groups
 from jobs.registry import Registry
+from jobs.runner import job_processes
 from jobs.settings import Settings
 from jobs.spec import JobSpec
 from jobs.store import Job, JobStatus, Store
@@ -167,6 +168,10 @@ def free_port() -> int:
 
 
 def submit_and_wait(bench: Bench, spec: dict[str, Any]) -> Job:
+    """Run a job as on a server that has been up a while: its process was started ahead. The
+    next job's process is started once this one has ended; it is waited for, so that its
+    imports take no CPU from whatever is measured next."""
+    wait_for_standby(bench)
     job_id = bench.client.submit(spec)["id"]
     while True:
         job = bench.store.get_job(job_id)
@@ -175,7 +180,16 @@ def submit_and_wait(bench: Bench, spec: dict[str, Any]) -> Job:
         time.sleep(0.05)
     if job.status != JobStatus.SUCCEEDED:
         raise RuntimeError(f"job {job_id} ended {job.status}: {job.error}")
+    wait_for_standby(bench)
     return job
+
+
+def wait_for_standby(bench: Bench, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while not job_processes(bench.settings)[1]:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the runner started no job process ahead in {timeout:.0f}s")
+        time.sleep(0.2)
 
 
 def prepared(bench: Bench, spec: dict[str, Any]) -> PreparedData:
