@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -128,10 +130,81 @@ def wait_healthy(url: str, timeout: float) -> None:
 
 
 def down(settings: Settings) -> None:
-    """Stop the Serve application and the local Ray head; the database and artifacts stay."""
+    """Stop the Serve application and the local Ray head; the database and artifacts stay.
+
+    Only the head at the configured port goes, with its processes: another Ray cluster on
+    this machine, say a notebook's, is left running.
+    """
     if not settings.ray_address:
+        if not port_open("127.0.0.1", settings.ray_port):
+            log.info("no Ray head answers on port %d; nothing to stop", settings.ray_port)
+            return
+        connect(settings)
+        session = ray.get_runtime_context().get_session_name()
         ray.shutdown()  # disconnect first, so the head's exit is no surprise to this process
-        subprocess.run([ray_executable(), "stop", "--force"], check=False, capture_output=True)
+        stop_cluster(session)
         return
     connect(settings)
     serve.shutdown()
+
+
+def cluster_processes(session: str) -> list[int]:
+    """The processes of the Ray cluster of ``session`` on this machine: those whose command
+    line holds the session's folder (its GCS, raylet, agents and monitors), and everything
+    they started (the workers, which rename themselves ``ray::…``)."""
+    parents: dict[int, int] = {}
+    found: set[int] = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            command = (entry / "cmdline").read_bytes()
+        except OSError:  # ended while we looked
+            continue
+        pid = int(entry.name)
+        parents[pid] = int(stat.rsplit(")", 1)[1].split()[1])
+        if session.encode() in command:
+            found.add(pid)
+    while True:
+        children = {pid for pid, parent in parents.items() if parent in found} - found
+        if not children:
+            return sorted(found)
+        found |= children
+
+
+def stop_cluster(session: str, grace_seconds: float = 15) -> None:
+    """Stop one Ray cluster's processes: SIGTERM, then SIGKILL for those still there after
+    the grace period. Without /proc (not Linux) it falls back to ``ray stop``, which stops
+    every Ray process of the machine."""
+    if not Path("/proc/self/stat").exists():
+        log.warning("no /proc here: stopping every Ray process of this machine with ray stop")
+        subprocess.run([ray_executable(), "stop", "--force"], check=False, capture_output=True)
+        return
+    pids = cluster_processes(session)
+    log.info("stopping Ray cluster %s: %d processes", session, len(pids))
+    signal_all(pids, signal.SIGTERM)
+    deadline = time.monotonic() + grace_seconds
+    while time.monotonic() < deadline and any(map(running, pids)):
+        time.sleep(0.2)
+    left = [pid for pid in pids if running(pid)]
+    if left:
+        log.warning(
+            "%d Ray processes still there after %gs; killing them", len(left), grace_seconds
+        )
+        signal_all(left, signal.SIGKILL)
+
+
+def signal_all(pids: list[int], number: signal.Signals) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, number)
+
+
+def running(pid: int) -> bool:
+    """Whether ``pid`` is a live process; a zombie waiting for its parent counts as ended."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
